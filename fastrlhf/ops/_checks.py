@@ -1,0 +1,77 @@
+"""Input validation shared by the ops: clear errors before any kernel launches.
+
+Every message names the argument, and its shape/dtype/device, so a user can see
+what is wrong without reading our code. Checks that need a device sync (label
+ranges) are separate and opt-in through the ops' ``validate=`` flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a tensor as described."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({allowed}); got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s); got {describe(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s); got {describe(t)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+
+
+def check_same_shape(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    shapes = {tuple(v.shape) for v in present.values()}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{k} {tuple(v.shape)}" for k, v in present.items())
+        raise ValueError(f"shapes must match; got {listing}")
+
+
+def check_labels_in_range(
+    labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels"
+) -> None:
+    """ValueError naming the first position whose label is outside [0, num_classes).
+
+    Syncs with the device (it reads a result back); the ops call it only when
+    ``validate=True``. Without it, a bad label yields NaN at its position, never an
+    out-of-bounds read.
+    """
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        value = int(labels[tuple(first)])
+        raise ValueError(
+            f"{name}[{', '.join(map(str, first))}] = {value} is outside [0, {num_classes}) "
+            f"and is not ignore_index ({ignore_index}); {name} has {describe(labels)}"
+        )
