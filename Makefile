@@ -40,7 +40,7 @@ cuda-check:
 	  tmp=$$(mktemp -d); \
 	  for f in $(CU_SOURCES); do for a in $(CUDA_ARCHS); do \
 	    echo "nvcc -c sm_$$a $$f"; \
-	    $(NVCC) -c -std=c++17 -O3 -arch=sm_$$a -Icsrc $$f -o $$tmp/$$(basename $$f).sm$$a.o || exit 1; \
+	    $(NVCC) -c -std=c++20 -O3 -arch=sm_$$a -Icsrc $$f -o $$tmp/$$(basename $$f).sm$$a.o || exit 1; \
 	  done; done; rm -rf $$tmp; \
 	else echo "nvcc not found: CUDA sources not compile-checked"; fi
 

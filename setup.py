@@ -48,11 +48,12 @@ def _rel(paths):
 def extensions():
     cpp = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     # -fopenmp: at::parallel_for expands an OpenMP pragma in our translation unit.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the C++ standard its headers need (C++20).
+    cxx = ["-O3", "-fopenmp"]
     if _build_cuda():
         cuda = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         cuda += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         return [
             CUDAExtension(
                 "fastrlhf._C",

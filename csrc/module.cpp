@@ -20,4 +20,14 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastrlhf, m) {
   // Op schemas are declared here, once; see csrc/README in the source tree.
+
+  // GAE over packed sequences (csrc/gae_cpu.cpp, csrc/cuda/gae_cuda.cpp). Its fake
+  // (meta) implementation for torch.compile is registered from Python;
+  // set_python_module tells torch which module to import to find it, and applies to
+  // the defs that follow until the next call.
+  m.set_python_module("fastrlhf.ops.advantages");
+  m.def(
+      "packed_gae(Tensor rewards, Tensor values, Tensor cu_seqlens, float gamma=1.0, "
+      "float lam=0.95, Tensor? mask=None, Tensor? bootstrap=None, bool validate=False) "
+      "-> (Tensor, Tensor)");
 }
