@@ -49,7 +49,8 @@ def assert_close(
     # equal infinities are close; inf - inf would be NaN
     same_inf = torch.isinf(o) & (o == r)
     err = torch.where(same_inf, 0.0, (o - r).abs())
-    tol = atol + rtol * r.abs()
+    # rtol * |inf| would be NaN; infinities are compared by the same_inf rule above
+    tol = atol + rtol * torch.where(torch.isinf(r), 0.0, r.abs())
     if not bool((err <= tol).all()):
         raise AssertionError(
             f"{name}: max |diff| {err.max().item():.3e} exceeds atol={atol} rtol={rtol}\n"

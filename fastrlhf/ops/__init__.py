@@ -14,7 +14,19 @@ import importlib
 from typing import TYPE_CHECKING
 
 # public name -> submodule of fastrlhf.ops that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "token_logprobs": "logprobs",
+    "kl_penalty": "losses",
+    "ppo_policy_loss": "losses",
+    "value_loss": "losses",
+    "dpo_loss": "losses",
+    "packed_gae": "advantages",
+    "masked_whiten": "advantages",
+    "pack_padded": "advantages",
+    "unpack_to_padded": "advantages",
+    "group_advantages": "advantages",
+    "linear_token_logprobs": "linear_logprobs",
+}
 
 __all__ = sorted(_EXPORTS)
 

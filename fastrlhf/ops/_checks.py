@@ -75,3 +75,41 @@ def check_labels_in_range(
             f"{name}[{', '.join(map(str, first))}] = {value} is outside [0, {num_classes}) "
             f"and is not ignore_index ({ignore_index}); {name} has {describe(labels)}"
         )
+
+
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_logits_labels(
+    logits: object, labels: object, *, logits_name: str = "logits", labels_name: str = "labels"
+) -> int:
+    """Validate a [..., V] logits tensor against [...] labels; return V.
+
+    Shared by token_logprobs and linear_token_logprobs so both raise the same errors
+    (TypeError for dtypes, ValueError for shapes/devices) before any kernel launches.
+    """
+    check_tensor(logits_name, logits, dtypes=LOGITS_DTYPES, min_ndim=1)
+    check_tensor(labels_name, labels, dtypes=INDEX_DTYPES)
+    if logits.device != labels.device:
+        raise ValueError(
+            f"{logits_name} and {labels_name} must be on one device; got {logits_name} "
+            f"{describe(logits)} and {labels_name} {describe(labels)}"
+        )
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{labels_name} must have the leading shape of {logits_name} "
+            f"{tuple(logits.shape[:-1])}; got {labels_name} {describe(labels)}, "
+            f"{logits_name} {describe(logits)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{logits_name} must have a non-empty last dim; got {describe(logits)}")
+    return int(logits.shape[-1])
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """ValueError naming ``name`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)

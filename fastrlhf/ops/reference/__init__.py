@@ -10,7 +10,19 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule of fastrlhf.ops.reference that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "token_logprobs_ref": "logprobs",
+    "kl_penalty_ref": "losses",
+    "aggregate_ref": "losses",
+    "ppo_policy_loss_ref": "losses",
+    "value_loss_ref": "losses",
+    "dpo_loss_ref": "losses",
+    "packed_gae_reference": "advantages",
+    "padded_gae_loop": "advantages",
+    "masked_whiten_reference": "advantages",
+    "group_advantages_reference": "advantages",
+    "linear_token_logprobs_ref": "linear",
+}
 
 __all__ = sorted(_EXPORTS)
 

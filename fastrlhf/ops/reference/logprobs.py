@@ -1,0 +1,52 @@
+"""Pure-PyTorch reference of ``token_logprobs``: log p(label) and entropy of softmax(logits / T).
+
+Shapes: N = tokens (any leading shape flattened), V = vocabulary (logits' last dim).
+
+    z        = logits[..., :vocab_size] / T                      # [..., V']
+    logp     = z[label] - logsumexp(z)   (0 where label == ignore_index)
+    entropy  = logsumexp(z) - sum softmax(z) * z
+
+A label outside [0, V') that is not ignore_index gives NaN at its position (the op
+does the same, without reading out of bounds). The reference computes in the dtype
+it is given after an upcast to at least float32 (tests pass float64 tensors).
+
+Cost (the "reference" benchmark provider, float32 log_softmax + gather): reads the
+[N, V] logits once for the upcast, writes a [N, V] float32 copy, reads it and writes
+a [N, V] float32 log_softmax, then gathers N values: ~ 2 reads + 2 writes of [N, V]
+float32 in the forward, and autograd keeps the [N, V] float32 log_softmax alive for
+the backward (which writes another [N, V] float32 and then the [N, V] dlogits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs_ref(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    vocab_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels) (and the entropy) in ``max(float32, logits.dtype)``; differentiable."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    v = logits.shape[-1]
+    z = logits.to(compute) / temperature  # [..., V]
+    logsm = torch.log_softmax(z, dim=-1)  # [..., V]
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= v))
+    safe = torch.where(ignored | bad, torch.zeros_like(labels), labels).long()
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [...]
+    logp = torch.where(ignored, torch.zeros_like(logp), logp)
+    logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
+    if not return_entropy:
+        return logp
+    p = logsm.exp()
+    # Masked (-inf) logits contribute 0, not 0 * -inf = NaN; zeroing log p *before* the
+    # product keeps the backward finite too.
+    entropy = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)
+    return logp, entropy
