@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -87,13 +88,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> i
 
 
 def peak_rss_of(code: str) -> int:
-    """Peak resident set size (bytes) of a fresh Python process running ``code``."""
+    """Peak resident set size (bytes) of a fresh Python process running ``code``.
+
+    Read from VmHWM, which starts afresh with the new address space at exec; ru_maxrss
+    would carry the parent's high-water mark across the fork.
+    """
     script = (
-        "import resource\n" + code + "\nprint('PEAK_RSS_KB', "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        code + "\nprint('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') "
+        "if l.startswith('VmHWM')][0])\n"
     )
     out = subprocess.run(
-        [os.environ.get("PYTHON", "python"), "-c", script],
+        [os.environ.get("PYTHON", sys.executable), "-c", script],
         check=True,
         capture_output=True,
         text=True,

@@ -1,0 +1,363 @@
+"""Triton kernels for fused lm_head + token log-prob: logits are never stored whole.
+
+Legend: N = tokens (rows), H = hidden size, V = vocabulary columns in use
+(``vocab_size``; the weight may have more rows, which are never read),
+S = vocabulary splits of the forward, Vb = one vocabulary block of the backward.
+
+With ``z = (hidden @ weight[:V].T + bias[:V]) / T`` (float32 accumulation):
+
+- forward, ``linear_logprobs_fwd``: a program owns BLOCK_N rows and one contiguous
+  slice of the vocabulary (split s of S). It walks its slice in [BLOCK_N, BLOCK_V]
+  tiles, each the result of a K loop of ``tl.dot`` over H, and keeps per row only a
+  running max ``m``, a running ``sum exp(z - m)`` and, for the entropy, a running
+  ``sum exp(z - m) * z``, plus the label's ``z``. A tiny merge over S (PyTorch, [S, N]
+  floats) gives ``lse``, ``logprob = z_label - lse`` and ``entropy = lse - E_p[z]``.
+  Extra memory: 4 * S * N floats.
+- backward, ``linear_logprobs_dlogits``: for one vocabulary block [v_lo, v_hi), it
+  recomputes the z tile and writes ``dlogits = dz / T`` into a bounded [N, Vb]
+  buffer, where ``dz = g * (onehot - p) - g_ent * p * (z - lse + entropy)`` (the
+  derivative of ``entropy = -sum p log p`` is ``-p * (log p + entropy)``). The caller
+  turns the buffer into dH and dW with two cuBLAS matmuls (fastrlhf/ops/linear_logprobs.py).
+
+Under TRITON_INTERPRET=1 (CPU tests) bf16/fp16 ``tl.dot`` is silently wrong, so the
+UPCAST flag converts tiles to float32 before the dot; on a GPU the dot stays in the
+input dtype on tensor cores. Autotuning is pruned to one shape-derived config under
+the interpreter, where benchmarking configs is impossible and every program instance
+costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Every BLOCK_V below divides this, so a forward split (a multiple of it) is walked in
+# whole tiles and only the split that ends at V needs a column mask.
+_SPLIT_ALIGN = 2048
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _gpu_configs() -> list[triton.Config]:
+    # bf16 on Hopper/Ampere: 128-row tiles feed the tensor cores; BLOCK_K=64 bf16 is one
+    # 128-byte line per row. fp32 configs that overflow shared memory are discarded by
+    # the autotuner (OutOfResources is timed as infinitely slow).
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (64, 256, 64, 8, 4),
+        (64, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bv, bk, w, s in shapes
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """On a GPU keep every config; under the interpreter one config sized to the problem."""
+    if not interpreting():
+        return configs
+    n, h, v = named_args["N"], named_args["H"], named_args["V"]
+    bn = max(16, min(64, triton.next_power_of_2(n)))
+    bv = 2048 if v >= 16384 else 512  # fewer, larger tiles: loop iterations cost most
+    bk = max(16, min(128, triton.next_power_of_2(h)))
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=4)]
+
+
+_heuristics = triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BLOCK_K"] == 0})
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    H,
+    stride_hn,
+    stride_wv,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temp, float32 [BLOCK_N, BLOCK_V]."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :]  # [BLOCK_V, BLOCK_K]
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            h = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + ks) < H
+            h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.autotune(
+    configs=_gpu_configs(), key=["H", "V"], prune_configs_by={"early_config_prune": _prune}
+)
+@_heuristics
+@triton.jit
+def _fwd_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    part_ptr,  # [4, S, N] float32: max, sum exp, sum exp * z, label z
+    N,
+    H,
+    V,
+    V_PER_SPLIT,
+    stride_hn,
+    stride_wv,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv,
+            inv_temp, HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        y += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        # Every tile has at least one real column, so m_new is finite and exp(m - m_new)
+        # is 0 (not NaN) on the first tile, where m = -inf.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])  # masked columns: exp(-inf) = 0
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            # z -> 0 in masked columns first: there e = 0 and 0 * -inf would be NaN
+            t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
+        m = m_new
+
+    plane = num_splits * N
+    base = part_ptr + split * N + rows
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + plane, s, mask=row_mask)
+    tl.store(base + 2 * plane, t, mask=row_mask)
+    tl.store(base + 3 * plane, y, mask=row_mask)
+
+
+@triton.autotune(
+    configs=_gpu_configs(), key=["H", "V"], prune_configs_by={"early_config_prune": _prune}
+)
+@_heuristics
+@triton.jit
+def _dlogits_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dl_ptr,  # [N, >= v_hi - v_lo], row stride stride_dn
+    N,
+    H,
+    V,  # only an autotune key: the vocabulary in use
+    v_lo,
+    v_hi,
+    stride_hn,
+    stride_wv,
+    stride_dn,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr = 8,
+):
+    # Grouped launch order (as in Triton's matmul tutorial): programs running together
+    # cover GROUP_N row blocks x all column tiles, so their hidden and weight tiles are
+    # re-read from L2 instead of HBM.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    group = GROUP_N * num_v
+    first_n = (pid // group) * GROUP_N
+    group_rows = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % group) % group_rows
+    pid_v = (pid % group) // group_rows
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < v_hi
+    z = _logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv,
+        inv_temp, HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    # The caller zeroes g at ignored rows and makes it NaN at out-of-range labels.
+    g = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == labels[:, None], g[:, None], 0.0) - p * g[:, None]
+    if HAS_ENT_GRAD:
+        ge = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
+    mask = row_mask[:, None] & col_mask[None, :]
+    out = dl_ptr + rows[:, None].to(tl.int64) * stride_dn + (cols - v_lo)[None, :]
+    tl.store(out, (dz * inv_temp).to(dl_ptr.dtype.element_ty), mask=mask)
+
+
+def _flags(hidden: torch.Tensor) -> tuple[bool, str]:
+    upcast = interpreting() and hidden.dtype in (torch.bfloat16, torch.float16)
+    # fp32 inputs: exact IEEE products unless the user opted into TF32 for matmuls, as
+    # torch.mm does. bf16/fp16 inputs: the default, so nothing stands between the dot
+    # and the tensor cores.
+    ieee = hidden.dtype == torch.float32 and not (
+        hidden.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    )
+    return upcast, "ieee" if ieee else "tf32"
+
+
+def _num_splits(n: int, v: int, device: torch.device, splits: int | None) -> int:
+    """Vocabulary splits: enough programs to fill the GPU twice when N alone cannot."""
+    max_splits = triton.cdiv(v, _SPLIT_ALIGN)
+    if splits is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = triton.cdiv(2 * sms, triton.cdiv(n, 128))
+        else:
+            splits = 2  # under the interpreter: exercise the merge at little cost
+    return max(1, min(splits, max_splits))
+
+
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_temp: float,
+    vocab_size: int,
+    with_entropy: bool,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z[label] - lse, entropy or [0], lse), float32 [N], from hidden [N, H], weight [>=V, H].
+
+    Expects rows with stride 1 along H and checked inputs. The first output is only
+    meaningful where the label is in [0, vocab_size): the caller masks the others
+    (``ignore_index`` -> 0, out of range -> NaN); no label is ever read out of bounds.
+    """
+    n, h = hidden.shape
+    v = vocab_size
+    s = _num_splits(n, v, hidden.device, splits)
+    v_per_split = triton.cdiv(triton.cdiv(v, s), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    s = triton.cdiv(v, v_per_split)  # no empty split: each one sees at least one column
+    part = torch.empty((4, s, n), device=hidden.device, dtype=torch.float32)
+    upcast, precision = _flags(hidden)
+    if n > 0:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), s)
+        _fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, labels, part,
+            n, h, v, v_per_split, hidden.stride(0), weight.stride(0), inv_temp,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast,
+            DOT_PRECISION=precision,
+        )  # fmt: skip
+    m, sum_e, sum_ez, y = part.unbind(0)  # each [S, N]
+    big_m = m.amax(0)  # [N]
+    scale = torch.exp(m - big_m)  # [S, N]
+    total = (sum_e * scale).sum(0)
+    lse = big_m + torch.log(total)
+    label_z_minus_lse = y.sum(0) - lse  # caller masks ignored / out-of-range labels
+    if with_entropy:
+        # Every row gets its entropy, whatever its label (it does not need one).
+        entropy = lse - (sum_ez * scale).sum(0) / total
+    else:
+        entropy = lse.new_empty(0)
+    return label_z_minus_lse, entropy, lse
+
+
+def linear_logprobs_dlogits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    inv_temp: float,
+    vocab_size: int,
+    v_lo: int,
+    v_hi: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write d(loss)/d(logits)[:, v_lo:v_hi] into ``out`` [N, >= v_hi - v_lo] and return it.
+
+    ``grad_logprobs`` / ``grad_entropy`` are float32 [N]; ``grad_logprobs`` is already 0
+    at ignored rows and NaN at out-of-range labels (so those rows' gradients are NaN);
+    ``lse`` and ``entropy`` come from the forward.
+    """
+    n, h = hidden.shape
+    assert out.stride(1) == 1 and out.shape[1] >= v_hi - v_lo
+    upcast, precision = _flags(hidden)
+    has_ent = grad_entropy is not None
+    if n > 0 and v_hi > v_lo:
+        grid = lambda meta: (
+            triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),
+        )
+        _dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, labels, lse,
+            entropy if has_ent else lse, grad_logprobs,
+            grad_entropy if has_ent else grad_logprobs, out,
+            n, h, vocab_size, v_lo, v_hi, hidden.stride(0), weight.stride(0), out.stride(0),
+            inv_temp, HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, UPCAST=upcast,
+            DOT_PRECISION=precision,
+        )  # fmt: skip
+    return out
