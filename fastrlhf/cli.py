@@ -1,0 +1,82 @@
+"""Command line: ``fastrlhf sft|rm|dpo --config FILE [--resume] [key.sub=value ...]`` and
+``fastrlhf demo [--config FILE] [section.key=value ...]`` (also ``python -m fastrlhf``).
+
+Configuration errors (unknown key, bad value, missing file) print one line naming the
+key (and file:line) and exit with status 2; a non-finite loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastrlhf.config import ConfigError, load_config
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+STAGES = ("sft", "rm", "dpo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastrlhf", description="Lean, kernel-optimized RLHF.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        s = sub.add_parser(stage, help=f"train the {stage} stage")
+        s.add_argument("--config", "-c", help="YAML file (see examples/)")
+        s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        s.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    d = sub.add_parser("demo", help="SFT -> reward model -> DPO on the embedded task")
+    d.add_argument("--config", "-c", default=str(EXAMPLES_DIR / "demo.yaml"))
+    d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        if args.command == "demo":
+            from fastrlhf.demo import run_demo
+
+            run_demo(args.config, args.overrides)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if cfg.stage != args.command:
+            # the file names another stage: running it as this one would be a silent mix-up
+            if args.config is not None and _file_sets_stage(args.config):
+                raise ConfigError(
+                    f"stage: {args.config} is a {cfg.stage!r} config, not {args.command!r}"
+                )
+            cfg = load_config(args.config, args.overrides + [f"stage={args.command}"])
+        from fastrlhf.trainers import run_stage
+
+        result = run_stage(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"fastrlhf: config error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"fastrlhf: {e}", file=sys.stderr)
+        return 1
+    if result.final_dir is not None:
+        print(f"[{cfg.stage}] final model: {result.final_dir}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load/per-save bars
+    (one per checkpoint) would bury them."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _file_sets_stage(path: str) -> bool:
+    from fastrlhf.config import read_yaml
+
+    return "stage" in read_yaml(path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

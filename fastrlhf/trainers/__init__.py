@@ -1,0 +1,50 @@
+"""Trainers: one file per stage on top of one shared loop (``loop.py``).
+
+``run_stage(cfg, resume=False)`` dispatches on ``cfg.stage``. Stage modules are imported
+on demand, so ``import fastrlhf.trainers`` pulls in neither transformers nor triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastrlhf.config import RunConfig
+    from fastrlhf.trainers.loop import TrainResult
+
+# stage name -> module with ``run(cfg, *, resume) -> TrainResult``
+STAGES: dict[str, str] = {
+    "sft": "fastrlhf.trainers.sft",
+    "rm": "fastrlhf.trainers.rm",
+    "dpo": "fastrlhf.trainers.dpo",
+}
+
+
+def set_cpu_threads(n: int) -> None:
+    """torch intra-op threads (0: leave torch's default)."""
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's and numpy's global generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator others may use
+    torch.manual_seed(seed)
+
+
+def run_stage(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+    """Train ``cfg.stage`` with ``cfg``; ``resume`` continues from the latest checkpoint."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r} is not one of {sorted(STAGES)}")
+    set_cpu_threads(cfg.train.cpu_threads)
+    seed_everything(cfg.seed)  # model init (LoRA adapters, heads) is then reproducible
+    return importlib.import_module(STAGES[cfg.stage]).run(cfg, resume=resume)

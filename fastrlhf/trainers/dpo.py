@@ -1,0 +1,240 @@
+"""Direct preference optimisation and its reference-free relatives.
+
+For a pair (prompt x, chosen y_c, rejected y_r), with sequence log-probs summed over the
+response tokens, logp(y|x) = sum_t log pi(y_t | x, y_<t), from the fused lm_head op:
+
+    sigmoid  -(1-ls) log s(b h) - ls log s(-b h),   h = (logp_c - ref_c) - (logp_r - ref_r)
+    ipo      (h - 1/(2b))^2
+    hinge    max(0, 1 - b h)
+    simpo    the sigmoid loss on b (avg_c - avg_r) - gamma    (avg = logp / response length)
+    orpo     -avg_c - b log s(log odds(avg_c) - log odds(avg_r))
+
+(the formulas live in ``fastrlhf.ops.dpo_loss``; this file only feeds it). simpo and orpo
+need no reference model, so none is loaded. Otherwise reference log-probs come either
+from one pass over the data before training (``dpo.reference=precompute``: the reference
+model is freed afterwards and the numbers are cached in the run directory) or from a
+no-grad forward of the reference each step (``online``). With a LoRA policy and no
+``dpo.ref_model``, the reference is the same module with its adapter disabled.
+
+Metrics per pair: rewards r = b (logp - ref) (b avg for the reference-free kinds),
+chosen and rejected rewards, their margin and the reward accuracy P(r_c > r_r).
+
+Legend: P = pairs, B = 2P sequences (2i chosen, 2i+1 rejected), n = response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastrlhf.config import RunConfig
+from fastrlhf.data.batch import collate_pairs
+from fastrlhf.trainers.common import (
+    data_settings,
+    load_policy_for,
+    loss_index,
+    model_path,
+    move_index,
+    response_logprobs,
+    sequence_sums,
+    stage_records,
+)
+from fastrlhf.trainers.loop import (
+    MicroBatch,
+    Stage,
+    TrainResult,
+    matmul_params,
+    pack_indices,
+    progress,
+    resolve_device,
+    train,
+)
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DPOStage(Stage):
+    name = "dpo"
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
+        from fastrlhf.data.formats import tokenize_preferences
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.autocast = cfg.train.bf16
+        path = model_path(cfg.model, cfg.run_dir)
+        self.policy = load_policy_for(cfg, path, self.device, trainable=True)
+        self.module = self.policy
+        tok = self.policy.tokenizer
+        train_records, eval_records = stage_records(cfg.data, "pairs")
+        settings = data_settings(cfg.data)
+        self.train_pairs = tokenize_preferences(train_records, tok, settings)
+        self.eval_pairs = tokenize_preferences(eval_records, tok, settings)
+        if not self.train_pairs:
+            raise ValueError(f"data.source={cfg.data.source!r} gave no preference pairs")
+
+        self.needs_ref = cfg.dpo.kind not in REFERENCE_FREE
+        self.ref = None  # a frozen PolicyModel, or None (adapter-off policy / no reference)
+        self.ref_tables: dict[str, torch.Tensor] = {}  # split -> [P, 2] (chosen, rejected)
+        self.ref_name = cfg.dpo.ref_model or path
+        if self.needs_ref and not (self.policy.has_lora and cfg.dpo.ref_model is None):
+            self.ref = load_policy_for(cfg, self.ref_name, self.device, trainable=False)
+        if not resume:
+            # the cache is for resuming this run; a fresh run may have a retrained reference
+            for stale in Path(cfg.run_dir).glob("reference_logps_*.safetensors"):
+                stale.unlink()
+        if self.needs_ref and cfg.dpo.reference == "precompute":
+            self.ref_tables = {
+                "train": self._reference_table("train", self.train_pairs),
+                "eval": self._reference_table("eval", self.eval_pairs),
+            }
+            self.ref = None  # freed: training never runs the reference again
+
+    # --- log-probs -------------------------------------------------------------------
+
+    def _micro(self, pairs, indices: list[int], split: str) -> MicroBatch:
+        batch = collate_pairs(pairs)
+        lens = torch.tensor(
+            [[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=torch.float32
+        )  # [P, 2] response lengths (SimPO / ORPO normalisation)
+        return MicroBatch(
+            batch=batch.to(self.device),
+            indices=indices,
+            units=len(pairs),
+            num_tokens=batch.num_tokens,
+            extra={
+                "index": move_index(loss_index(batch), self.device),
+                "lengths": lens.to(self.device),
+                "split": split,
+            },
+        )
+
+    def _seq_logps(self, model, mb: MicroBatch) -> torch.Tensor:
+        """[P, 2] summed response log-probs (chosen, rejected) under ``model``."""
+        logp = response_logprobs(model, mb.batch, mb.extra["index"])  # [n]
+        return sequence_sums(logp, mb.extra["index"], mb.batch.num_seqs).view(-1, 2)
+
+    def _reference_context(self):
+        if self.ref is None and self.policy.has_lora:
+            return self.policy.reference_mode()
+        return contextlib.nullcontext()
+
+    def _reference_logps(self, mb: MicroBatch) -> torch.Tensor:
+        """[P, 2] reference log-probs: from the precomputed table, or a no-grad forward."""
+        table = self.ref_tables.get(mb.extra["split"])
+        if table is not None:
+            return table[mb.indices].to(self.device)
+        with torch.no_grad(), self._reference_context(), self.forward_context():
+            return self._seq_logps(self.ref if self.ref is not None else self.policy, mb)
+
+    def _reference_table(self, split: str, pairs) -> torch.Tensor:
+        """[P, 2] reference log-probs of every pair, cached in the run dir (keyed by the
+        reference and the data) so that a resumed run does not recompute them."""
+        if not pairs:
+            return torch.zeros(0, 2)
+        digest = hashlib.sha256(repr(self.ref_name).encode())
+        for p in pairs:
+            digest.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+        key = digest.hexdigest()[:16]
+        cache = Path(self.cfg.run_dir) / f"reference_logps_{split}_{key}.safetensors"
+        if cache.is_file():
+            return load_file(str(cache))["logps"]
+        out = torch.zeros(len(pairs), 2)
+        lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        groups = pack_indices(list(range(len(pairs))), lengths, self.cfg.train.micro_batch_tokens)
+        model = self.ref if self.ref is not None else self.policy
+        model.eval()
+        with torch.no_grad(), self._reference_context():
+            desc = f"reference log-probs ({split})"
+            for g in progress(groups, desc, self.cfg.train.progress_bar):
+                with self.forward_context():
+                    logps = self._seq_logps(model, self._micro([pairs[i] for i in g], g, split))
+                out[g] = logps.float().cpu()
+        self.policy.train()
+        Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"logps": out}, str(tmp))
+        tmp.replace(cache)
+        return out
+
+    # --- the Stage interface -----------------------------------------------------------
+
+    def example_lengths(self) -> list[int]:
+        return [
+            2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+            for p in self.train_pairs
+        ]
+
+    def micro_batch(self, indices: list[int]) -> MicroBatch:
+        return self._micro([self.train_pairs[i] for i in indices], indices, "train")
+
+    def _loss_and_rewards(self, mb: MicroBatch):
+        from fastrlhf.ops import dpo_loss
+
+        d = self.cfg.dpo
+        logps = self._seq_logps(self.policy, mb).float()  # [P, 2]
+        lens = mb.extra["lengths"]  # [P, 2]
+        ref = self._reference_logps(mb).float() if self.needs_ref else None
+        loss, _ = dpo_loss(
+            logps[:, 0],
+            logps[:, 1],
+            ref[:, 0] if ref is not None else None,
+            ref[:, 1] if ref is not None else None,
+            beta=d.beta,
+            kind=d.kind,
+            label_smoothing=d.label_smoothing,
+            chosen_lengths=lens[:, 0],
+            rejected_lengths=lens[:, 1],
+            gamma=d.gamma,
+        )
+        with torch.no_grad():
+            rewards = d.beta * (logps - ref if ref is not None else logps / lens)  # [P, 2]
+        return loss * mb.units, rewards  # the op's mean over the P pairs -> their sum
+
+    def loss_sum(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, rewards = self._loss_and_rewards(mb)
+        return loss, _reward_sums(rewards)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_pairs:
+            return {}
+        pairs = self.eval_pairs
+        lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        total: dict[str, float] = {}
+        budget = self.cfg.train.micro_batch_tokens
+        groups = pack_indices(list(range(len(pairs))), lengths, budget)
+        for g in progress(groups, "dpo eval", self.cfg.train.progress_bar):
+            mb = self._micro([pairs[i] for i in g], g, "eval")
+            with self.forward_context():
+                loss, rewards = self._loss_and_rewards(mb)
+            sums = {"loss": loss.detach(), **_reward_sums(rewards)}
+            for k, v in sums.items():
+                total[k] = total.get(k, 0.0) + float(v)
+        return {k: v / len(pairs) for k, v in total.items()}
+
+    def flops_per_token(self) -> float:
+        n = matmul_params(self.policy)
+        online = self.needs_ref and not self.ref_tables
+        return (6.0 + (2.0 if online else 0.0)) * n
+
+    def save_model(self, path: Path) -> None:
+        self.policy.save_pretrained(path)
+
+
+def _reward_sums(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over pairs of the DPO reward metrics from rewards [P, 2] (chosen, rejected)."""
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {
+        "reward_accuracy": (margin > 0).float().sum(),
+        "reward_chosen": rewards[:, 0].sum(),
+        "reward_rejected": rewards[:, 1].sum(),
+        "reward_margin": margin.sum(),
+    }
+
+
+def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+    return train(DPOStage(cfg, resume=resume), cfg, resume=resume)

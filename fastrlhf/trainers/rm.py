@@ -1,0 +1,176 @@
+"""Reward model: Bradley-Terry on preference pairs.
+
+A ValueModel scores each packed sequence by its value at the last token: r = score(seq).
+For a pair (chosen c, rejected r) with margin m = r_c - r_r the loss is
+
+    -log sigmoid(m - margin_target)          (margin_target = rm.margin, default 0)
+
+summed over the step's pairs and divided by their global count (see loop.py).
+
+Eval on held-out pairs: accuracy P(m > 0), ROC AUC of chosen-vs-rejected scores
+(Mann-Whitney U, ties count half), mean margin, and the expected calibration error of
+sigmoid(m) as the probability that the chosen response is preferred (each pair is
+counted both ways, (sigmoid(m), 1) and (sigmoid(-m), 0), so the ECE is not trivially
+about one class). After training, the mean and std of the scores of all training
+sequences are stored with the model (``reward_mean`` / ``reward_std``) for PPO.
+
+Legend: P = pairs, B = 2P sequences (2i chosen, 2i+1 rejected), N = packed tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastrlhf.config import RunConfig
+from fastrlhf.data.batch import collate_pairs
+from fastrlhf.trainers.common import data_settings, model_path, stage_records, weights_dtype
+from fastrlhf.trainers.loop import (
+    MicroBatch,
+    Stage,
+    TrainResult,
+    pack_indices,
+    progress,
+    resolve_device,
+    train,
+)
+
+
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), exactly, by ranks."""
+    scores = torch.cat([pos, neg]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(ranks)
+    )
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(pos), len(neg)
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int) -> float:
+    """sum_b |B_b|/n * |mean(label in b) - mean(prob in b)| over equal-width bins of prob."""
+    prob, label = prob.double(), label.double()
+    which = (prob * bins).long().clamp_(0, bins - 1)
+    conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, prob)
+    acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, label)
+    return float(((acc - conf).abs()).sum() / max(1, len(prob)))
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> dict:
+    """Accuracy, ROC AUC, mean margin and ECE of scores [P] of chosen / rejected responses."""
+    margin = (chosen - rejected).double()  # [P]
+    p = torch.sigmoid(margin)
+    probs = torch.cat([p, 1 - p])
+    labels = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+    return {
+        "accuracy": float((margin > 0).double().mean()),
+        "auc": roc_auc(chosen, rejected),
+        "margin": float(margin.mean()),
+        "ece": expected_calibration_error(probs, labels, bins),
+        "chosen_score": float(chosen.double().mean()),
+        "rejected_score": float(rejected.double().mean()),
+    }
+
+
+class RMStage(Stage):
+    name = "rm"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from fastrlhf.data.formats import tokenize_preferences
+        from fastrlhf.models import load_value_model
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.autocast = cfg.train.bf16
+        if cfg.model.lora_rank:
+            raise ValueError("model.lora_rank: LoRA reward models are not supported; set it to 0")
+        m = cfg.model
+        self.model = load_value_model(
+            model_path(m, cfg.run_dir),
+            dtype=weights_dtype(m),
+            device=self.device,
+            init_from_policy=True,
+            trust_remote_code=m.trust_remote_code,
+            gradient_checkpointing=m.gradient_checkpointing,
+            attn_impl=m.attn_impl,
+            seed=cfg.seed,
+        )
+        if self.model.tokenizer is None:
+            raise ValueError(f"model.name_or_path={m.name_or_path!r} ships no tokenizer")
+        self.module = self.model
+        train_records, eval_records = stage_records(cfg.data, "pairs")
+        settings = data_settings(cfg.data)
+        tok = self.model.tokenizer
+        self.train_pairs = tokenize_preferences(train_records, tok, settings)
+        self.eval_pairs = tokenize_preferences(eval_records, tok, settings)
+        if not self.train_pairs:
+            raise ValueError(f"data.source={cfg.data.source!r} gave no preference pairs")
+
+    @staticmethod
+    def _lengths(pairs) -> list[int]:
+        return [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+
+    def example_lengths(self) -> list[int]:
+        return self._lengths(self.train_pairs)
+
+    def _micro(self, pairs, indices: list[int]) -> MicroBatch:
+        batch = collate_pairs(pairs)
+        return MicroBatch(batch.to(self.device), indices, len(pairs), batch.num_tokens)
+
+    def micro_batch(self, indices: list[int]) -> MicroBatch:
+        return self._micro([self.train_pairs[i] for i in indices], indices)
+
+    def _scores(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        b = mb.batch
+        values = self.model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)  # [N]
+        scores = self.model.sequence_scores(values, b.cu_seqlens)  # [2P]
+        return scores[0::2], scores[1::2]
+
+    def loss_sum(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = self._scores(mb)  # [P], [P]
+        margin = chosen - rejected
+        loss = -F.logsigmoid(margin - self.cfg.rm.margin).sum()
+        return loss, {
+            "accuracy": (margin > 0).float().sum(),
+            "margin": margin.detach().sum(),
+        }
+
+    def _all_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = [], []
+        lengths = self._lengths(pairs)
+        budget = self.cfg.train.micro_batch_tokens
+        groups = pack_indices(list(range(len(pairs))), lengths, budget)
+        for group in progress(groups, "rm scoring", self.cfg.train.progress_bar):
+            with self.forward_context():
+                c, r = self._scores(self._micro([pairs[i] for i in group], group))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_pairs:
+            return {}
+        chosen, rejected = self._all_scores(self.eval_pairs)
+        return preference_metrics(chosen, rejected, self.cfg.rm.ece_bins)
+
+    def finalize(self) -> None:
+        chosen, rejected = self._all_scores(self.train_pairs)
+        scores = torch.cat([chosen, rejected]).double()
+        self.model.reward_mean = float(scores.mean())
+        self.model.reward_std = float(scores.std()) if len(scores) > 1 else 1.0
+
+    def save_model(self, path: Path) -> None:
+        self.model.save_pretrained(path)
+
+
+def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+    return train(RMStage(cfg), cfg, resume=resume)
