@@ -1,4 +1,4 @@
-"""Command line: ``fastrlhf sft|rm|dpo --config FILE [--resume] [key.sub=value ...]`` and
+"""Command line: ``fastrlhf sft|rm|dpo|ppo|grpo --config FILE [--resume] [key.sub=value ...]`` and
 ``fastrlhf demo [--config FILE] [section.key=value ...]`` (also ``python -m fastrlhf``).
 
 Configuration errors (unknown key, bad value, missing file) print one line naming the
@@ -14,7 +14,7 @@ from pathlib import Path
 from fastrlhf.config import ConfigError, load_config
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 def _parser() -> argparse.ArgumentParser:

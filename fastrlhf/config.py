@@ -10,7 +10,7 @@ One tree describes a run of any stage::
       train       steps, batch sizes, accumulation, eval cadence, precision
       checkpoint  cadence, how many to keep
       logging     JSONL cadence, TensorBoard / W&B, plots
-      sft, rm, dpo  stage-specific knobs (ppo / grpo sections slot in beside them)
+      sft, rm, dpo, ppo  stage-specific knobs (the grpo stage uses the ppo section)
 
 Every default is written once, here, as a dataclass field default. A YAML file and then
 ``key.sub=value`` overrides are applied on top; an unknown key or a value of the wrong
@@ -153,9 +153,115 @@ class DPOConfig:
     ref_model: str | None = None
 
 
+PPO_KINDS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce++")
+PPO_GROUP_KINDS = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclass
+class PPOConfig:
+    """The RL stage's knobs (the rest comes from RunConfig: model, data, optim, train...)."""
+
+    # "ppo" (critic + GAE) or a critic-free estimator: grpo, dr_grpo, rloo, reinforce++
+    kind: Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce++"] = "ppo"
+    # ---- rollout: prompts per iteration, samples per prompt (>= 2 for group kinds)
+    rollout_batch_size: int = 32
+    n_samples: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # ---- reward: a ValueModel directory, or "package.module:function"; exactly one
+    reward_model: str | None = None
+    reward_fn: str | None = None
+    # reward model scores -> (r - reward_mean) / reward_std with its stored statistics
+    normalize_reward: bool = True
+    # |score| clipped to this (0: off)
+    reward_clip: float = 0.0
+    # ---- KL to the reference: in the reward (k1, fixed/adaptive beta), in the loss (k3)
+    kl_placement: Literal["reward", "loss", "none"] = "reward"
+    kl_coef: float = 0.05
+    # estimator used when kl_placement="loss" (see ops.kl_penalty)
+    kl_kind: str = "k3"
+    adaptive_kl: bool = False
+    # adaptive controller: target KL (nats per sequence) and horizon (samples)
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    # reference weights; null: the initial policy (model.name_or_path), or with LoRA the
+    # policy with its adapter disabled
+    ref_model: str | None = None
+    # keep the reference / reward model on the host between uses
+    offload_models: bool = False
+    # ---- advantages
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # ---- update
+    ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    entropy_coef: float = 0.0
+    # stop the iteration's update when a mini-batch's approx KL(old || new) exceeds this
+    # (0: off); each check is a host sync
+    target_kl: float = 0.0
+    # recompute old log-probs with a training-layout forward (else: generation's)
+    recompute_old_logprobs: bool = True
+    # ---- critic (kind="ppo"): weights from critic_model, else the reward model, else
+    # the policy's backbone with a fresh head
+    critic_model: str | None = None
+    critic_lr: float = 1e-4
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    # ---- implementation switches (benchmark comparison)
+    fused_ops: bool = True
+    memory_reuse: bool = True
+    offload_optimizer: bool = False
+    # ---- evaluation: greedy answers to the held-out prompts (data.num_eval)
+    eval_max_new_tokens: int = 8
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"ppo.{key}={getattr(self, key)!r} must be {what}")
+
+        need(self.kind in PPO_KINDS, "kind", f"one of {list(PPO_KINDS)}")
+        need(self.rollout_batch_size >= 1, "rollout_batch_size", ">= 1")
+        need(self.n_samples >= 1, "n_samples", ">= 1")
+        if self.kind in PPO_GROUP_KINDS:
+            need(self.n_samples >= 2, "n_samples", f">= 2 for kind={self.kind!r} (groups)")
+        need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
+        need(self.kl_coef >= 0, "kl_coef", ">= 0")
+        need(self.kl_target > 0, "kl_target", "> 0")
+        need(self.kl_horizon > 0, "kl_horizon", "> 0")
+        need(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "in [0, 1]")
+        need(self.ppo_epochs >= 1, "ppo_epochs", ">= 1")
+        need(self.num_mini_batches >= 1, "num_mini_batches", ">= 1")
+        sequences = self.rollout_batch_size * self.n_samples
+        need(
+            self.num_mini_batches <= sequences,
+            "num_mini_batches",
+            f"<= rollout_batch_size * n_samples = {sequences}",
+        )
+        need(0 <= self.clip_low < 1, "clip_low", "in [0, 1)")
+        need(self.clip_high >= 0, "clip_high", ">= 0")
+        need(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
+        need(self.target_kl >= 0, "target_kl", ">= 0")
+        need(self.reward_clip >= 0, "reward_clip", ">= 0")
+        need(self.critic_lr > 0, "critic_lr", "> 0")
+        need(self.value_clip is None or self.value_clip >= 0, "value_clip", ">= 0 or null")
+        need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", ">= 1")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_placement != "none" and self.kl_coef > 0
+
+
 @dataclass
 class RunConfig:
-    stage: Literal["sft", "rm", "dpo"] = "sft"
+    stage: Literal["sft", "rm", "dpo", "ppo", "grpo"] = "sft"
     run_dir: str = "runs/default"
     seed: int = 0
     # "auto": cuda when available, else cpu
@@ -169,6 +275,8 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # ppo and grpo stages (grpo: a critic-free ppo.kind, grpo unless set otherwise)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,6 +332,16 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> RunConfig:
             f"{key}={cfg.data.max_prompt_length} must be < data.max_length="
             f"{cfg.data.max_length} so every response keeps a token{where.get(key, '')}"
         )
+    if cfg.stage == "grpo" and cfg.ppo.kind == "ppo":
+        # the grpo stage's defaults: the GRPO estimator over groups of 4 samples per prompt
+        n = cfg.ppo.n_samples if cfg.ppo.n_samples > 1 else 4
+        cfg.ppo = dataclasses.replace(cfg.ppo, kind="grpo", n_samples=n)
+    if cfg.stage in ("ppo", "grpo"):
+        try:
+            cfg.ppo.validate()
+        except ValueError as e:
+            key = str(e).split("=", 1)[0]
+            raise ConfigError(f"{e}{where.get(key, '')}") from e
     return cfg
 
 
@@ -434,7 +552,7 @@ class DemoSettings:
     eval_seed: int = 777
 
 
-DEMO_STAGES = ("sft", "rm", "dpo")
+DEMO_STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 def load_demo_config(

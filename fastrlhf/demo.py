@@ -97,14 +97,33 @@ def _run_dpo(ctx: DemoContext) -> StageReport:
     )
 
 
+def _run_rl(ctx: DemoContext, stage: str) -> StageReport:
+    """PPO / GRPO from the SFT model; with no reward function set, the demo's reward model
+    scores the responses (the gold checker is never seen in training)."""
+    cfg = ctx.configs[stage]
+    ppo = cfg.ppo
+    if ppo.reward_model is None and ppo.reward_fn is None:
+        ppo = dataclasses.replace(ppo, reward_model=ctx.models["rm"])
+    cfg = dataclasses.replace(_with_model(cfg, ctx.models["sft"]), ppo=ppo)
+    result = _train(cfg)
+    ctx.models[stage] = str(result.final_dir)
+    return StageReport(
+        stage,
+        policy_gold_accuracy(ctx, ctx.models[stage]),
+        {"reward": result.eval_metrics.get("reward", float("nan"))},
+    )
+
+
 # stage name -> runner; runs in the order of demo.stages (ppo / grpo slot in here)
 STAGE_RUNNERS: dict[str, Callable[[DemoContext], StageReport]] = {
     "sft": _run_sft,
     "rm": _run_rm,
     "dpo": _run_dpo,
+    "ppo": lambda ctx: _run_rl(ctx, "ppo"),
+    "grpo": lambda ctx: _run_rl(ctx, "grpo"),
 }
 # what each stage needs to have run before it
-REQUIRES = {"sft": (), "rm": ("sft",), "dpo": ("sft",)}
+REQUIRES = {"sft": (), "rm": ("sft",), "dpo": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm")}
 
 
 def _held_out_prompts(settings: DemoSettings, configs: dict[str, RunConfig]) -> list[dict]:
@@ -113,7 +132,7 @@ def _held_out_prompts(settings: DemoSettings, configs: dict[str, RunConfig]) -> 
 
     seen = set()
     for stage in settings.stages:
-        kind = "sft" if stage == "sft" else "pairs"
+        kind = {"sft": "sft", "ppo": "prompts", "grpo": "prompts"}.get(stage, "pairs")
         train, _ = stage_records(configs[stage].data, kind)
         seen |= {r["prompt"] for r in train}
     task = embedded_task(configs["sft"].data, settings.eval_seed)

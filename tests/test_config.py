@@ -110,7 +110,7 @@ def test_overrides_parse_nested():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
 
 
-@pytest.mark.parametrize("name", ["sft.yaml", "rm.yaml", "dpo.yaml"])
+@pytest.mark.parametrize("name", ["sft.yaml", "rm.yaml", "dpo.yaml", "ppo.yaml", "grpo.yaml"])
 def test_example_configs_load(name):
     cfg = load_config(EXAMPLES / name)
     assert cfg.stage == name.split(".")[0]
@@ -120,14 +120,14 @@ def test_demo_config(tmp_path):
     settings, configs = load_demo_config(EXAMPLES / "demo.yaml", ["sft.train.max_steps=3"])
     assert settings.stages == ["sft", "rm", "dpo"]
     assert configs["sft"].train.max_steps == 3
-    assert {c.stage for c in configs.values()} == {"sft", "rm", "dpo"}
+    assert {c.stage for c in configs.values()} == {"sft", "rm", "dpo", "ppo", "grpo"}
     for stage, c in configs.items():
         assert Path(c.run_dir) == Path(settings.run_dir) / stage
-    bad = _write(tmp_path, "common:\n  seed: 1\nppo:\n  x: 1\n")
-    with pytest.raises(ConfigError, match="unknown key 'ppo'.*line 3"):
+    bad = _write(tmp_path, "common:\n  seed: 1\nreinforce:\n  x: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'reinforce'.*line 3"):
         load_demo_config(bad)
     bad = _write(tmp_path, "common:\n  optim:\n    lr: 1\nrm:\n  optim:\n    lrr: 2\n")
     with pytest.raises(ConfigError, match="demo stage 'rm': unknown key 'optim.lrr'.*line 6"):
         load_demo_config(bad)
-    with pytest.raises(ConfigError, match=r"demo.stages\[0\]='ppo'"):
-        load_demo_config(EXAMPLES / "demo.yaml", ["demo.stages=[ppo]"])
+    with pytest.raises(ConfigError, match=r"demo.stages\[0\]='reinforce'"):
+        load_demo_config(EXAMPLES / "demo.yaml", ["demo.stages=[reinforce]"])

@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "sft": "fastrlhf.trainers.sft",
     "rm": "fastrlhf.trainers.rm",
     "dpo": "fastrlhf.trainers.dpo",
+    "ppo": "fastrlhf.trainers.ppo",
+    "grpo": "fastrlhf.trainers.ppo",
 }
 
 

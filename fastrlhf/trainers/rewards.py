@@ -1,0 +1,417 @@
+"""From a rollout to what the RL update consumes: rewards, KL coefficients, advantages.
+
+Two reward sources, one per run:
+
+- a reward model (``fastrlhf.models.ValueModel``): the score of a whole sequence (prompt +
+  response) is its value at the last token, normalised with the statistics stored with
+  the model, ``(r - reward_mean) / reward_std``, so a reward of 0 is "as good as an
+  average training response" whatever scale the model learned;
+- a Python function named ``"package.module:function"`` (rule-based or verifiable
+  rewards), called as ``fn(prompts: list[str], responses: list[str], meta: list[dict])``
+  and returning one float per response.
+
+``Experience`` holds one rollout in that form: the packed tokens [N] for the forwards, and
+per response token [R] its position, label, old / reference log-probs, value, advantage
+and return, on the response layout (each sequence's response tokens, in order, with
+``cu_resp`` [B + 1]: prompt tokens are absent, which for GAE is the same as masking
+them). ``Experience.select`` cuts mini-batches out of it.
+
+Advantages, on the response layout:
+
+- ``gae_advantages``: GAE through ``ops.packed_gae`` (the compiled extension) or, as the
+  reference switch, the padded reverse loop; then ``ops.masked_whiten``;
+- ``critic_free_advantages``: GRPO / Dr. GRPO / RLOO group baselines over the samples
+  of each prompt, or REINFORCE++ (``ops.group_advantages``).
+
+KL controllers (the coefficient beta of the KL penalty, in the reward or in the loss):
+
+- ``FixedKLController``: beta never changes;
+- ``AdaptiveKLController`` (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+  Preferences", section 2.2): after a rollout with measured KL ``kl`` over ``n`` samples,
+
+      e    = clip(kl / target - 1, -0.2, 0.2)
+      beta = beta * (1 + e * n / horizon)
+
+  so beta grows while the policy drifts further than ``target`` nats from the reference
+  and shrinks while it stays closer. ``update`` accepts a 0-dim tensor and keeps beta on
+  its device: the trainer can adapt beta every rollout without a host sync.
+
+Legend: B = sequences, N = packed tokens, R = response tokens, T = longest response.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
+
+
+# ---------------------------------------------------------------------------------------
+# reward functions given by name
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """The callable named by ``spec`` = ``"package.module:function"`` (a dotted attribute
+    path after the colon is allowed, e.g. ``"pkg.mod:Class.method"``).
+
+    Raises ValueError naming ``spec`` when it is malformed, cannot be imported, has no
+    such attribute, or names something that is not callable.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"reward function spec {spec!r} must look like 'package.module:function'")
+    module_name, attr_path = spec.split(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"reward function spec {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"reward function {spec!r}: cannot import module {module_name!r} ({e}); is it on "
+            "PYTHONPATH?"
+        ) from e
+    obj = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ValueError(
+                f"reward function {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from e
+    if not callable(obj):
+        raise ValueError(f"reward function {spec!r} is a {type(obj).__name__}, not a callable")
+    check_reward_function(obj, spec)
+    return obj
+
+
+def call_reward_function(
+    fn: RewardFn,
+    prompts: list[str],
+    responses: list[str],
+    meta: list[dict],
+    *,
+    name: str = "reward function",
+) -> torch.Tensor:
+    """``fn(prompts, responses, meta)`` as a float32 [B] tensor, its output checked."""
+    out = fn(prompts, responses, meta)
+    try:
+        scores = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must return a sequence of numbers; got {out!r:.200}") from e
+    if scores.numel() != len(responses):
+        raise ValueError(f"{name} returned {scores.numel()} rewards for {len(responses)} responses")
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} returned non-finite rewards at indices {bad}")
+    return scores
+
+
+def arithmetic_reward(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]:
+    """A verifiable reward for the embedded arithmetic task: 1.0 when the response is the
+    exact answer of its ``"a+b="`` prompt, else 0.0 (``meta`` is not used).
+
+    Usable as ``ppo.reward_fn: fastrlhf.trainers.rewards:arithmetic_reward``.
+    """
+    from fastrlhf.data.embedded import ArithmeticTask
+
+    task = ArithmeticTask()
+    return [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+# ---------------------------------------------------------------------------------------
+# reward model scores
+
+
+def normalize_scores(scores: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``(scores - mean) / std`` in float32; ``std`` must be positive."""
+    if not std > 0:
+        raise ValueError(f"reward std must be > 0 to normalise rewards; got {std}")
+    return (scores.float() - mean) / std
+
+
+@torch.no_grad()
+def reward_model_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # [N]
+    position_ids: torch.Tensor,  # [N]
+    cu_seqlens: torch.Tensor,  # [B + 1] int32
+    max_seqlen: int,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """[B] float32 sequence scores of a ``ValueModel`` on packed sequences (value at each
+    sequence's last token), normalised with its stored ``reward_mean`` / ``reward_std``."""
+    values = model(input_ids, position_ids, cu_seqlens, max_seqlen)  # [N]
+    scores = model.sequence_scores(values, cu_seqlens).float()  # [B]
+    if not normalize:
+        return scores
+    return normalize_scores(scores, model.reward_mean, model.reward_std)
+
+
+# ---------------------------------------------------------------------------------------
+# the experience of one rollout
+
+
+@dataclass
+class Experience:
+    """One rollout, scored, in the packed layout (all tensors on the device).
+
+    The R response tokens are addressed by ``positions`` [R] into the N packed tokens:
+    the hidden state at ``positions[j]`` predicts ``labels[j]``. Per-token fields below
+    are [R], in the response layout ``cu_resp`` [B + 1]; ``cu_cpu`` / ``cu_resp_cpu`` are
+    host copies used to cut mini-batches without a device sync.
+    """
+
+    input_ids: torch.Tensor  # [N]
+    position_ids: torch.Tensor  # [N]
+    cu_seqlens: torch.Tensor  # [B + 1] int32
+    positions: torch.Tensor  # [R] int64
+    labels: torch.Tensor  # [R] int64
+    cu_resp: torch.Tensor  # [B + 1] int32
+    old_logprobs: torch.Tensor  # [R]
+    advantages: torch.Tensor | None = None  # [R], set by scoring
+    ref_logprobs: torch.Tensor | None = None  # [R]
+    values: torch.Tensor | None = None  # [R] critic values at scoring time
+    returns: torch.Tensor | None = None  # [R] GAE returns (PPO)
+    cu_cpu: torch.Tensor | None = None  # [B + 1] int64 on the host
+    cu_resp_cpu: torch.Tensor | None = None  # [B + 1] int64 on the host
+
+    @classmethod
+    def from_rollout(cls, rollout) -> Experience:
+        """The response layout of a ``fastrlhf.rollout.Rollout`` (generation log-probs as the
+        old ones; no advantages yet)."""
+        tb = rollout.to_training_batch()
+        positions = tb.loss_mask.nonzero().squeeze(1)  # [R]; host sync (sizes the output)
+        resp_lens = rollout.response_lens.long()  # [B]
+        cu_resp = torch.zeros(resp_lens.numel() + 1, dtype=torch.int32, device=positions.device)
+        cu_resp[1:] = resp_lens.cumsum(0)
+        return cls(
+            input_ids=tb.input_ids,
+            position_ids=tb.position_ids,
+            cu_seqlens=tb.cu_seqlens,
+            positions=positions,
+            labels=tb.labels[positions],
+            cu_resp=cu_resp,
+            old_logprobs=tb.old_logprobs[positions],
+            cu_cpu=tb.cu_seqlens.long().cpu(),
+            cu_resp_cpu=cu_resp.long().cpu(),
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_cpu.numel() - 1
+
+    def seq_lens(self) -> list[int]:
+        return self.cu_cpu.diff().tolist()
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.cu_cpu.diff().max())
+
+    def select(self, seqs: list[int]) -> Experience:
+        """The sub-rollout of sequences ``seqs`` (in that order), re-packed."""
+        tok = torch.cat([torch.arange(self.cu_cpu[s], self.cu_cpu[s + 1]) for s in seqs])
+        resp = torch.cat([torch.arange(self.cu_resp_cpu[s], self.cu_resp_cpu[s + 1]) for s in seqs])
+        lens = self.cu_cpu.diff()[seqs]
+        rlens = self.cu_resp_cpu.diff()[seqs]
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        cu_r = torch.cat([torch.zeros(1, dtype=torch.long), rlens.cumsum(0)])
+        # each response token keeps its offset inside its sequence
+        seq_of_resp = torch.repeat_interleave(torch.arange(len(seqs)), rlens)  # [R_sub]
+        old_start = self.cu_cpu[seqs][seq_of_resp]
+        dev = self.input_ids.device
+        resp_d, tok_d = resp.to(dev), tok.to(dev)
+        positions = self.positions[resp_d] - old_start.to(dev) + cu[:-1][seq_of_resp].to(dev)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[resp_d]
+
+        return Experience(
+            input_ids=self.input_ids[tok_d],
+            position_ids=self.position_ids[tok_d],
+            cu_seqlens=cu.to(dev, torch.int32),
+            positions=positions,
+            labels=take(self.labels),
+            cu_resp=cu_r.to(dev, torch.int32),
+            old_logprobs=take(self.old_logprobs),
+            advantages=take(self.advantages),
+            ref_logprobs=take(self.ref_logprobs),
+            values=take(self.values),
+            returns=take(self.returns),
+            cu_cpu=cu,
+            cu_resp_cpu=cu_r,
+        )
+
+
+def consecutive_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence indices 0..B-1 cut, in order, into runs of <= ``budget`` tokens (a longer
+    sequence gets a run of its own)."""
+    out: list[list[int]] = [[]]
+    used = 0
+    for s, n in enumerate(lengths):
+        if out[-1] and used + n > budget:
+            out.append([])
+            used = 0
+        out[-1].append(s)
+        used += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# advantages (on the response layout: each sequence's response tokens, ``cu_resp``)
+
+
+def gae_advantages(
+    rewards: torch.Tensor,  # [R]
+    values: torch.Tensor,  # [R]
+    cu_resp: torch.Tensor,  # [B + 1] int32
+    gamma: float,
+    lam: float,
+    *,
+    whiten: bool = True,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [R], returns [R]) by GAE over each sequence's response tokens.
+
+    fused: the ``fastrlhf::packed_gae`` op; else the padded reverse loop over time steps.
+    Whitening (one global mean / std) applies to the advantages only, after the returns
+    are taken (the critic regresses on unwhitened returns).
+    """
+    from fastrlhf.ops.advantages import masked_whiten, packed_gae
+
+    if fused:
+        adv, ret = packed_gae(rewards, values, cu_resp, gamma=gamma, lam=lam)
+    else:
+        from fastrlhf.ops.advantages import unpack_to_padded
+        from fastrlhf.ops.reference.advantages import padded_gae_loop
+
+        r = unpack_to_padded(rewards.float(), cu_resp, 0.0)  # [B, T]
+        v = unpack_to_padded(values.float(), cu_resp, 0.0)  # [B, T]
+        m = unpack_to_padded(torch.ones_like(rewards, dtype=torch.bool), cu_resp, False)
+        adv_p, _ = padded_gae_loop(r, v, m, gamma, lam)  # [B, T]
+        seq = sequence_ids(cu_resp, rewards.numel())  # [R]
+        pos = torch.arange(rewards.numel(), device=rewards.device) - cu_resp.long()[seq]
+        adv = adv_p[seq, pos]  # [R]
+        ret = adv + values.float()
+    return (masked_whiten(adv) if whiten else adv), ret
+
+
+def critic_free_advantages(
+    kind: str,
+    scores: torch.Tensor,  # [B]
+    group_ids: torch.Tensor,  # [B]
+    cu_resp: torch.Tensor,  # [B + 1] int32
+    *,
+    token_rewards: torch.Tensor | None = None,  # [R], e.g. -beta * k1
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """Per-token advantages [R] of GRPO / Dr. GRPO / RLOO (one value per sequence,
+    broadcast to its tokens; a per-token KL penalty is summed into the sequence score)
+    or REINFORCE++ (discounted per-token returns, whitened)."""
+    from fastrlhf.ops.advantages import group_advantages
+
+    if kind == "reinforce++":
+        return group_advantages(
+            scores, kind=kind, cu_seqlens=cu_resp, gamma=gamma, token_rewards=token_rewards
+        )
+    if token_rewards is not None:
+        seq_sums = torch.zeros_like(scores).index_add_(
+            0, sequence_ids(cu_resp, token_rewards.numel()), token_rewards.to(scores.dtype)
+        )
+        scores = scores + seq_sums
+    return group_advantages(scores, group_ids, kind=kind, cu_seqlens=cu_resp)
+
+
+def sequence_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] the sequence of every token of a packed layout ``cu`` [B + 1]."""
+    cu = cu.long()
+    return torch.repeat_interleave(
+        torch.arange(cu.numel() - 1, device=cu.device), cu.diff(), output_size=total
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# KL controllers
+
+
+class FixedKLController:
+    """beta stays at its initial value."""
+
+    def __init__(self, coef: float) -> None:
+        if coef < 0:
+            raise ValueError(f"kl coef must be >= 0; got {coef}")
+        self.value: float | torch.Tensor = float(coef)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": float(self.value)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller (see the module docstring)."""
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        if init_coef < 0:
+            raise ValueError(f"kl coef must be >= 0; got {init_coef}")
+        if not target > 0:
+            raise ValueError(f"adaptive KL target must be > 0; got {target}")
+        if not horizon > 0:
+            raise ValueError(f"adaptive KL horizon must be > 0; got {horizon}")
+        self.value: float | torch.Tensor = float(init_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
+        """One controller step after a rollout of ``n_steps`` samples with KL ``current_kl``.
+
+        A tensor ``current_kl`` keeps beta a 0-dim tensor on its device (no host sync).
+        """
+        if isinstance(current_kl, torch.Tensor):
+            error = (current_kl.float() / self.target - 1.0).clamp(-0.2, 0.2)
+            value = self.value
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value, dtype=torch.float32, device=current_kl.device)
+            self.value = value * (1.0 + error * n_steps / self.horizon)
+        else:
+            error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+            self.value = float(self.value) * (1.0 + error * n_steps / self.horizon)
+
+    def state_dict(self) -> dict:
+        return {"value": float(self.value), "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def kl_controller(
+    coef: float, *, adaptive: bool = False, target: float = 6.0, horizon: int = 10000
+) -> FixedKLController | AdaptiveKLController:
+    return AdaptiveKLController(coef, target, horizon) if adaptive else FixedKLController(coef)
+
+
+def _accepts_three_lists(fn: Callable) -> bool:
+    """Best effort: False only when the signature clearly cannot take 3 positionals."""
+    try:
+        inspect.signature(fn).bind([], [], [])
+    except TypeError:
+        return False
+    except ValueError:  # builtins without a signature
+        return True
+    return True
+
+
+def check_reward_function(fn: Callable, spec: str) -> None:
+    if not _accepts_three_lists(fn):
+        raise ValueError(
+            f"reward function {spec!r} must accept (prompts, responses, meta); its signature "
+            f"is {inspect.signature(fn)}"
+        )
