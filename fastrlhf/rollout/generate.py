@@ -371,6 +371,10 @@ def _as_tuple(eos: int | Sequence[int] | None) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
 
 
+def _autocast_off(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
 def generate(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -391,6 +395,11 @@ def generate(
         generator: a torch.Generator on the model's device, for reproducible sampling.
 
     Returns a packed ``Rollout``. The model's train/eval mode is restored on return.
+
+    Decoding runs at the weights' own precision, with any enclosing autocast switched
+    off: under autocast with fp32 weights, RoPE promotes K to fp32 while V stays in the
+    autocast dtype, which a static KV cache (one dtype per layer) cannot hold. Keep the
+    policy's weights in bf16 to decode in bf16.
     """
     config.validate()
     lens = _check_prompts(prompt_ids, prompt_cu_seqlens)
@@ -399,7 +408,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with _decode_attention(model, parts):
+        with _decode_attention(model, parts), _autocast_off(prompt_ids.device):
             return _decode(parts, prompt_ids, lens, config, kv_cache, generator)
     finally:
         model.train(was_training)

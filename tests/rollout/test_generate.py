@@ -145,6 +145,22 @@ def test_kv_cache_is_reused_without_reallocation_and_gives_fresh_results():
     assert not torch.equal(first.input_ids[:10], reused.input_ids[:10])
 
 
+def test_generation_inside_autocast_decodes_at_the_weights_precision():
+    # The trainers wrap forwards in bf16 autocast over fp32 weights (on CUDA; CPU autocast
+    # behaves the same). There RoPE turns K into fp32 while V stays bf16, which a static
+    # cache cannot hold: generate() must switch autocast off, reuse its cache across
+    # rollouts, and give exactly what it gives outside autocast.
+    model = tiny_lm()
+    kv = ReusableKVCache()
+    prompts = random_prompts((4, 8, 2))
+    plain = _run(model, prompts, max_new_tokens=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _run(model, prompts, kv_cache=kv, max_new_tokens=5)
+        _run(model, random_prompts((3, 5, 7), seed=3), kv_cache=kv, max_new_tokens=5)
+    _assert_same_rollout(inside, plain)
+    assert {t.dtype for t in kv.buffers()} == {torch.float32} and kv.allocations == 1
+
+
 def test_kv_cache_reallocates_only_when_it_must():
     model = tiny_lm()
     kv = ReusableKVCache(granule=16)
