@@ -50,9 +50,8 @@ iterations), whatever the number of optimizer steps inside it.
 Checkpoints (``checkpoint.*``, the shared ``fastrlhf.checkpoint`` format) hold the policy,
 the critic (under ``critic/``), both optimizers and schedules, the RNG state and the KL
 controller: a resumed run continues bit-identically. The final directory is the policy in
-HF format, loadable by the next stage. Entry points: ``run_ppo(cfg, ppo)``, ``run(cfg)``
-for ``fastrlhf.trainers.run_stage``, and ``python -m fastrlhf.trainers.ppo ppo|grpo
---config FILE`` until the ``fastrlhf`` CLI dispatches these stages.
+HF format, loadable by the next stage. Entry points: ``run_ppo(cfg, ppo)``, and ``run(cfg)``
+for ``fastrlhf.trainers.run_stage`` (what ``fastrlhf ppo|grpo --config FILE`` calls).
 
 Legend: P = prompts, B = sequences, N = packed tokens (prompts + responses), R = response
 tokens (labels), H = hidden size, V = vocabulary.
@@ -79,7 +78,7 @@ from fastrlhf.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fastrlhf.config import ConfigError, PPOConfig, RunConfig, save_config, to_dict
+from fastrlhf.config import PPOConfig, RunConfig, save_config, to_dict
 from fastrlhf.metrics import MetricsLogger, plot_metrics, truncate_after
 from fastrlhf.trainers.common import (
     data_settings,
@@ -92,6 +91,7 @@ from fastrlhf.trainers.common import (
 )
 from fastrlhf.trainers.loop import (
     TrainResult,
+    _fmt,
     build_optimizer,
     build_scheduler,
     pack_indices,
@@ -779,53 +779,3 @@ def _window_row(window, step: int, name: str, device: torch.device) -> dict[str,
         row[k] = max(vals) if k.startswith("memory/") else sum(vals) / len(vals)
     row["peak_mem_gb"] = peak_memory_gb(device)
     return row
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
-
-# ---------------------------------------------------------------------------------------
-# configuration files
-
-
-def load_rl_config(
-    path: str | Path | None, overrides: list[str] | None = None, stage: str = "ppo"
-) -> tuple[RunConfig, PPOConfig]:
-    """(RunConfig, its ppo section) of a YAML file + dotted overrides, for ``stage``."""
-    from fastrlhf.config import load_config
-
-    cfg = load_config(path, (overrides or []) + [f"stage={stage}"])
-    return cfg, cfg.ppo
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fastrlhf.trainers.ppo ppo|grpo --config FILE [--resume] [key=value ...]``."""
-    import argparse
-    import sys
-
-    from fastrlhf.trainers import seed_everything, set_cpu_threads
-
-    p = argparse.ArgumentParser(prog="python -m fastrlhf.trainers.ppo")
-    p.add_argument("stage", choices=["ppo", "grpo"])
-    p.add_argument("--config", "-c")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_intermixed_args(argv)
-    try:
-        cfg, ppo = load_rl_config(args.config, args.overrides, args.stage)
-        set_cpu_threads(cfg.train.cpu_threads)
-        seed_everything(cfg.seed)
-        result = run_ppo(cfg, ppo, resume=args.resume)
-    except ConfigError as e:
-        print(f"fastrlhf: config error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"fastrlhf: {e}", file=sys.stderr)
-        return 1
-    print(f"[{ppo.kind}] eval {_fmt(result.eval_metrics)}; final model: {result.final_dir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
