@@ -62,6 +62,11 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     write(tmp)
+    return publish_dir(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """fsync the finished ``tmp`` tree, then make it ``final`` with one rename."""
     fsync_tree(tmp)
     if final.exists():
         # rename(2) cannot replace a non-empty directory: move the old one aside first.

@@ -1,0 +1,194 @@
+"""Sharded, atomic, reshardable checkpoints (torch.distributed.checkpoint) and the
+consolidated HF export.
+
+A sharded checkpoint is a directory
+
+    <dir>/dcp/              DCP files: every rank writes its own shards of the model and
+                            optimizer state plus global metadata (a shared filesystem is
+                            assumed across nodes)
+    <dir>/extra_state.pt    rank 0's ``extra_state`` (step, scheduler, data position...):
+                            tensors, numbers and strings, read with weights_only=True
+
+State dicts go through ``torch.distributed.checkpoint.state_dict`` (get_state_dict /
+set_state_dict): parameters and optimizer states are keyed by parameter NAME, not by
+position or shard, so a checkpoint written by R processes loads into R' processes (DCP
+reshards on load) or into an unsharded single-process model, and the other way round.
+
+Atomicity as in ``fastrlhf.checkpoint``: all ranks write into ``.tmp-<name>`` beside the
+final name; after a barrier rank 0 fsyncs the tree and publishes it with one rename.
+A crash leaves the previous checkpoint and at worst a ``.tmp-*`` directory.
+
+``export_hf`` gathers the full fp32 state dict on rank 0 (CPU) and writes the model with
+transformers' ``save_pretrained(state_dict=...)``: a directory ``from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from fastrlhf.checkpoint import publish_dir
+from fastrlhf.distributed.context import DistContext, barrier
+
+DCP_DIR = "dcp"
+EXTRA_FILE = "extra_state.pt"
+
+
+@contextlib.contextmanager
+def _single_process_dcp(ctx: DistContext) -> Iterator[None]:
+    """Without a process group DCP warns on every call that it assumes one process;
+    here that is the intent (the single-process context), so the warning is noise."""
+    with warnings.catch_warnings():
+        if not ctx.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra_state: dict[str, Any] | None,
+    ctx: DistContext,
+) -> Path:
+    """Write model (+ optimizer) shards and ``extra_state`` atomically to ``path``.
+
+    Every rank must call it (DCP save is a collective). Returns ``path``."""
+    final = Path(path)
+    tmp = final.parent / f".tmp-{final.name}"
+    if ctx.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    with _single_process_dcp(ctx):
+        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not ctx.distributed)
+    if ctx.is_main and extra_state is not None:
+        torch.save(extra_state, tmp / EXTRA_FILE)
+    barrier(ctx)  # every rank's files are written before rank 0 publishes
+    if ctx.is_main:
+        publish_dir(tmp, final)
+    barrier(ctx)  # nobody reads or prunes checkpoints before the rename
+    return final
+
+
+def load_sharded(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ctx: DistContext,
+) -> dict[str, Any]:
+    """Restore model (+ optimizer) from ``save_sharded``'s directory, whatever the world
+    size that wrote it; returns the extra state (empty when none was saved).
+
+    Every rank must call it. Build (and shard) the model and the optimizer first: an
+    optimizer that has not stepped gets its state initialised by a zero-lr step so
+    there are tensors to load into."""
+    path = Path(path)
+    if not (path / DCP_DIR / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)")
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    with _single_process_dcp(ctx):
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=not ctx.distributed)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    extra = path / EXTRA_FILE
+    return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------
+# consolidated export
+
+
+def full_state_dict(model: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """The unsharded fp32 state dict on CPU, on rank 0 ({} on the others); a collective.
+
+    Tied parameters (embedding = lm_head) come back as ONE tensor under all their names,
+    as in the live model, so savers that drop aliases (safetensors) see the tie."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=options)
+    if not sd:
+        return sd
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        alias = first_name.setdefault(id(p), name)
+        if alias != name and alias in sd and name in sd:
+            sd[name] = sd[alias]
+    return sd
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _write_hf(model: torch.nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
+    """Write ``model`` in the format its own ``save_pretrained`` writes, from ``sd``."""
+    from fastrlhf.models import PolicyModel, ValueModel
+
+    if isinstance(model, PolicyModel):
+        # the HF CausalLM (or the peft model: adapter only, as PolicyModel.save_pretrained)
+        model.model.save_pretrained(str(out), state_dict=_strip(sd, "model."))
+    elif isinstance(model, ValueModel):
+        from safetensors.torch import save_file
+
+        from fastrlhf.models.value import HEAD_FILE, STATS_FILE
+
+        model.backbone.save_pretrained(str(out), state_dict=_strip(sd, "backbone."))
+        head = {k: v.contiguous() for k, v in _strip(sd, "score.").items()}
+        save_file(head, str(out / HEAD_FILE))
+        stats = {
+            "format": "fastrlhf.ValueModel",
+            "hidden_size": int(model.score.in_features),
+            "reward_mean": model.reward_mean,
+            "reward_std": model.reward_std,
+        }
+        (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(out), state_dict=sd)
+    else:
+        raise TypeError(f"export_hf: {type(model).__name__} has no HF save_pretrained")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def export_hf(path: str | Path, model: torch.nn.Module, ctx: DistContext) -> Path:
+    """Consolidated HF-format model (config + safetensors + tokenizer) at ``path``,
+    written atomically by rank 0. Every rank must call it (the gather is a collective)."""
+    from fastrlhf.checkpoint import atomic_write_dir
+
+    final = Path(path)
+    sd = full_state_dict(model, ctx)
+    if ctx.is_main:
+        atomic_write_dir(final, lambda tmp: _write_hf(model, sd, tmp))
+    barrier(ctx)
+    return final
