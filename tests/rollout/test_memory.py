@@ -110,7 +110,10 @@ def test_optimizer_state_offload_roundtrip_is_exact_and_training_continues_ident
         _train_step(policy, opt, x)
         _train_step(twin, opt_twin, x)
     before = _state_snapshot(opt)
-    ptrs = [s["exp_avg"].data_ptr() for s in opt.state.values()]
+    # Hold the original state tensors: a freed storage's address could be handed to the
+    # next host buffer of the same size, and the pointer check below would misfire.
+    originals = [s["exp_avg"] for s in opt.state.values()]
+    ptrs = [t.data_ptr() for t in originals]
     mm = HybridMemoryManager(policy, [opt], offload_optimizer=True)
     for x in xs[2:]:
         mm.generate()
@@ -152,7 +155,8 @@ def test_models_are_offloaded_between_uses_with_exact_values():
     opt = torch.optim.SGD(critic.parameters(), lr=0.1)
     values = {k: v.clone() for k, v in critic.state_dict().items()}
     params = list(critic.parameters())
-    live_ptrs = {t.data_ptr() for t in critic.state_dict().values()}
+    live = list(critic.state_dict().values())  # held, so no address is recycled below
+    live_ptrs = {t.data_ptr() for t in live}
     mm = HybridMemoryManager(
         policy, [opt], {"critic": critic, "reward": reward}, offload_models=["critic"]
     )
