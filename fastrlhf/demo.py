@@ -1,7 +1,8 @@
 """``fastrlhf demo`` / ``make demo``: the whole pipeline on the embedded tiny model.
 
     build the tiny Llama  ->  SFT on noisy demonstrations  ->  reward model on preference
-    pairs (initialised from the SFT model)  ->  DPO from the SFT model
+    pairs (initialised from the SFT model)  ->  PPO from the SFT model, rewarded by the
+    reward model only;  DPO and GRPO each from the same SFT model (``demo.stages``)
 
 then every policy (the random initial one included) answers held-out arithmetic prompts
 with greedy decoding and the task's gold checker scores the answers. The table printed
@@ -33,6 +34,7 @@ class StageReport:
     gold_accuracy: float | None  # None for stages that do not produce a policy
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    note: str = ""  # e.g. what rewarded an RL stage
 
 
 @dataclass
@@ -111,6 +113,7 @@ def _run_rl(ctx: DemoContext, stage: str) -> StageReport:
         stage,
         policy_gold_accuracy(ctx, ctx.models[stage]),
         {"reward": result.eval_metrics.get("reward", float("nan"))},
+        note=f"rewarded by {'the reward model' if ppo.reward_fn is None else ppo.reward_fn}",
     )
 
 
@@ -148,7 +151,8 @@ def format_table(reports: list[StageReport]) -> str:
     for r in reports:
         gold = f"{r.gold_accuracy:.3f}" if r.gold_accuracy is not None else "-"
         other = "  ".join(f"{k}={v:.3f}" for k, v in r.metrics.items())
-        lines.append(f"{r.stage:<8} {gold:>14}  {other}   ({r.seconds:.0f}s)")
+        note = f"  [{r.note}]" if r.note else ""
+        lines.append(f"{r.stage:<8} {gold:>14}  {other}   ({r.seconds:.0f}s){note}")
     return "\n".join(lines)
 
 

@@ -118,7 +118,7 @@ def test_example_configs_load(name):
 
 def test_demo_config(tmp_path):
     settings, configs = load_demo_config(EXAMPLES / "demo.yaml", ["sft.train.max_steps=3"])
-    assert settings.stages == ["sft", "rm", "dpo"]
+    assert settings.stages == ["sft", "rm", "ppo", "dpo", "grpo"]
     assert configs["sft"].train.max_steps == 3
     assert {c.stage for c in configs.values()} == {"sft", "rm", "dpo", "ppo", "grpo"}
     for stage, c in configs.items():

@@ -13,9 +13,12 @@ in minutes; it is what ``make demo`` runs on, and what tests use as a "real" mod
   4 query heads sharing 2 key/value heads, tied embeddings).
 - ``embedded_model(dir, seed)``: a randomly initialized tiny Llama + the tokenizer,
   saved in HF format so ``load_policy(dir)`` treats it exactly like a real checkpoint.
-- ``ArithmeticTask(seed)``: prompts like ``"12+7="`` whose answer is ``"19"`` (then
-  EOS), with noisy SFT demonstrations, noisy preference pairs, RL prompts with
-  reference answers, and a gold checker the policy never sees during PPO.
+- ``ArithmeticTask(seed)``: prompts like ``"27+15="`` (operands zero-padded to the
+  width of ``max_operand``: ``"07+15="``) whose answer is ``"42"`` (then EOS), with
+  demonstrators who systematically forget carries, annotators who compare answers
+  with some label noise, RL prompts with reference answers, and a gold checker
+  (exact answer) the policy never sees during PPO. See the class docstring for why
+  the noise is shaped this way: it is what lets RLHF beat SFT on this task.
 """
 
 from __future__ import annotations
@@ -141,13 +144,60 @@ def embedded_model(out_dir: str | Path, seed: int = 0, **config_overrides) -> st
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*$")
 
 
+def parse_prompt(prompt: str) -> tuple[int, str, int]:
+    """``"07+15="`` -> ``(7, "+", 15)``; padded or not, surrounding spaces allowed."""
+    m = _PROMPT_RE.match(prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def needs_carry(a: int, op: str, b: int) -> bool:
+    """Whether ``a op b`` carries (``+``: units sum >= 10) or borrows (``-``: units of ``a``
+    below units of ``b``) from the units column into the tens; ``*`` never counts."""
+    if op == "+":
+        return a % 10 + b % 10 >= 10
+    if op == "-":
+        return a % 10 < b % 10
+    return False
+
+
+def forgot_carry(a: int, op: str, b: int) -> int:
+    """The answer a demonstrator gets by forgetting the carry / borrow: the units digit is
+    right, the tens digit misses the 1 (``27+15`` -> 32, ``42-15`` -> 37)."""
+    if op not in "+-" or not needs_carry(a, op, b):
+        raise ValueError(f"forgot_carry: {a}{op}{b} has no carry or borrow to forget")
+    value = a + b if op == "+" else a - b
+    return value - 10 if op == "+" else value + 10
+
+
 class ArithmeticTask:
-    """Deterministic synthetic arithmetic with a gold checker.
+    """Deterministic synthetic arithmetic with noisy human data and a gold checker.
 
     Problems are ``a op b =`` with ``0 <= a, b <= max_operand`` and ``op`` in ``ops``;
     subtraction keeps ``a >= b`` so every answer is a non-negative integer. Every public
     method draws from its own generator seeded by (seed, method), so results do not
     depend on call order.
+
+    The human data is noisy the way real RLHF data is, and the noise is what makes RLHF
+    beat SFT here (comparing is easier than generating; annotators err differently from
+    demonstrators):
+
+    - Demonstrators (``sft_records``) make SYSTEMATIC, prompt-dependent mistakes: on a
+      problem that needs a carry (``+``) or a borrow (``-``) from the units into the tens,
+      they forget it with probability ``carry_forget_rate`` (the answer is then off by
+      exactly 10: ``27+15=32``, ``42-15=37``); easy problems are demonstrated correctly.
+      Above 0.5 the most likely demonstration of a carry problem is wrong, so a policy
+      that imitates well (greedy SFT) learns the wrong rule there: SFT accuracy is capped
+      by the demonstrators, not only by model capacity. Of the other demonstrations,
+      ``mistake_rate`` carry a random slip (off by one, off by ten, two digits swapped).
+    - Annotators (``preference_records``) compare a correct answer with a wrong one and
+      pick the correct one except for ``label_noise`` of the pairs. On carry problems the
+      wrong answer is the demonstrators' typical mistake with probability
+      ``carry_pair_rate``, so the pairs teach a reward model exactly the distinction the
+      SFT policy gets wrong; otherwise it is a slip of the units digit (off by one, or
+      digits swapped), so the reward model must check the units digit too.
+    - ``gold_score`` is exact match, never seen in training by the policy or the RM.
     """
 
     def __init__(
@@ -156,79 +206,116 @@ class ArithmeticTask:
         *,
         max_operand: int = 20,
         ops: str = "+-",
-        mistake_rate: float = 0.25,
+        carry_forget_rate: float = 0.7,
+        mistake_rate: float = 0.05,
         label_noise: float = 0.1,
+        carry_pair_rate: float = 0.5,
+        pad_operands: bool = True,
     ) -> None:
         if max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {max_operand}")
         if not ops or any(o not in "+-*" for o in ops):
             raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
+        rates = dict(
+            carry_forget_rate=carry_forget_rate,
+            mistake_rate=mistake_rate,
+            label_noise=label_noise,
+            carry_pair_rate=carry_pair_rate,
+        )
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
         self.seed = seed
         self.max_operand = max_operand
         self.ops = ops
+        self.carry_forget_rate = carry_forget_rate
         self.mistake_rate = mistake_rate
         self.label_noise = label_noise
+        self.carry_pair_rate = carry_pair_rate
+        self.pad_operands = pad_operands
+
+    def _prompt(self, a: int, op: str, b: int) -> str:
+        # Zero-padded operands ("07+15=") put every digit at a fixed offset from the "=",
+        # which the tiny model learns to align (measured, demo SFT, 1200 steps: 48% gold
+        # padded vs 7% unpadded, whose loss had not left its plateau).
+        w = len(str(self.max_operand)) if self.pad_operands else 0
+        return f"{a:0{w}d}{op}{b:0{w}d}="
 
     def _rng(self, salt: str) -> random.Random:
         return random.Random(f"{self.seed}/{salt}")
 
-    def _problem(self, rng: random.Random) -> tuple[str, int]:
+    def _problem(self, rng: random.Random) -> tuple[int, str, int]:
         op = rng.choice(self.ops)
         a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
         if op == "-" and b > a:
             a, b = b, a
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        return f"{a}{op}{b}=", value
+        return a, op, b
 
     @staticmethod
-    def _mistake(rng: random.Random, value: int) -> int:
-        """A plausible wrong answer: off by one, or two digits swapped, or off by ten."""
+    def _value(a: int, op: str, b: int) -> int:
+        return a + b if op == "+" else a - b if op == "-" else a * b
+
+    @staticmethod
+    def _slip(rng: random.Random, value: int, tens: bool = True) -> int:
+        """A random plausible wrong answer: off by one, off by ten (unless ``tens`` is
+        False), or two digits swapped."""
         s = str(value)
-        kinds = ["off_by_one", "off_by_ten"] + (["swap"] if len(set(s)) > 1 else [])
+        kinds = ["off_by_one"] + (["off_by_ten"] if tens else [])
+        kinds += ["swap"] if len(set(s)) > 1 else []
         kind = rng.choice(kinds)
         if kind == "swap":
             i = rng.randrange(len(s) - 1)
-            swapped = s[:i] + s[i + 1] + s[i] + s[i + 2 :]
-            return int(swapped)
+            return int(s[:i] + s[i + 1] + s[i] + s[i + 2 :])
         step = 1 if kind == "off_by_one" else 10
         wrong = value + rng.choice([-step, step])
         return wrong if wrong >= 0 else value + step
 
     def answer(self, prompt: str) -> int:
         """The exact answer of a prompt of this task's form."""
-        m = _PROMPT_RE.match(prompt)
-        if m is None:
-            raise ValueError(f"not an arithmetic prompt: {prompt!r}")
-        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-        return a + b if op == "+" else a - b if op == "-" else a * b
+        return self._value(*parse_prompt(prompt))
+
+    def is_carry_problem(self, prompt: str) -> bool:
+        """Whether the prompt needs a carry / borrow (where demonstrators go wrong)."""
+        return needs_carry(*parse_prompt(prompt))
 
     def sft_records(self, n: int) -> list[dict]:
-        """``n`` {prompt, response} demonstrations, ``mistake_rate`` of them wrong."""
+        """``n`` {prompt, response} demonstrations: carry problems forget the carry with
+        probability ``carry_forget_rate``; any demonstration slips with ``mistake_rate``."""
         rng = self._rng("sft")
         out = []
         for _ in range(n):
-            prompt, value = self._problem(rng)
-            if rng.random() < self.mistake_rate:
-                value = self._mistake(rng, value)
-            out.append({"prompt": prompt, "response": str(value)})
+            a, op, b = self._problem(rng)
+            value = self._value(a, op, b)
+            # both draws happen for every record so the stream does not depend on the rates
+            forget, slip = rng.random() < self.carry_forget_rate, rng.random()
+            if needs_carry(a, op, b) and forget:
+                value = forgot_carry(a, op, b)
+            elif slip < self.mistake_rate:
+                value = self._slip(rng, value)
+            out.append({"prompt": self._prompt(a, op, b), "response": str(value)})
         return out
 
     def preference_records(self, n: int) -> list[dict]:
-        """``n`` {prompt, chosen, rejected}: the answer closer to the truth is chosen,
-        except for ``label_noise`` of the pairs whose labels are flipped."""
+        """``n`` {prompt, chosen, rejected}: the correct answer against a wrong one (on carry
+        problems usually the forgotten carry), labels flipped for ``label_noise`` of them."""
         rng = self._rng("pref")
         out = []
         for _ in range(n):
-            prompt, value = self._problem(rng)
-            # usually one correct and one wrong answer; sometimes two wrong ones
-            first = value if rng.random() < 0.7 else self._mistake(rng, value)
-            second = self._mistake(rng, value)
-            while second == first:
-                second += 1
-            closer, farther = sorted((first, second), key=lambda v: (abs(v - value), v))
+            a, op, b = self._problem(rng)
+            value = self._value(a, op, b)
+            typical = rng.random() < self.carry_pair_rate
+            if needs_carry(a, op, b) and typical:
+                wrong = forgot_carry(a, op, b)
+            else:
+                # slips of the units digit: pairs that differ only in the tens digit are
+                # the carry pairs above, so the units digit must be checked on its own
+                wrong = self._slip(rng, value, tens=False)
+            chosen, rejected = value, wrong
             if rng.random() < self.label_noise:
-                closer, farther = farther, closer
-            out.append({"prompt": prompt, "chosen": str(closer), "rejected": str(farther)})
+                chosen, rejected = rejected, chosen
+            out.append(
+                {"prompt": self._prompt(a, op, b), "chosen": str(chosen), "rejected": str(rejected)}
+            )
         return out
 
     def rl_prompts(self, n: int) -> list[dict]:
@@ -236,8 +323,8 @@ class ArithmeticTask:
         rng = self._rng("rl")
         out = []
         for _ in range(n):
-            prompt, value = self._problem(rng)
-            out.append({"prompt": prompt, "answer": str(value)})
+            a, op, b = self._problem(rng)
+            out.append({"prompt": self._prompt(a, op, b), "answer": str(self._value(a, op, b))})
         return out
 
     def gold_score(self, prompt: str, response: str) -> float:

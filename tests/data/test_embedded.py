@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from fastrlhf.data.embedded import (
@@ -11,6 +14,9 @@ from fastrlhf.data.embedded import (
     describe_tokenizer_files,
     embedded_model,
     embedded_tokenizer,
+    forgot_carry,
+    needs_carry,
+    parse_prompt,
     tiny_llama_config,
 )
 
@@ -62,30 +68,82 @@ def test_tiny_llama_size_and_embedded_model_loads(tmp_path):
 
 
 def test_task_is_deterministic_and_well_formed():
-    task = ArithmeticTask(seed=3)
-    assert task.sft_records(50) == ArithmeticTask(seed=3).sft_records(50)
-    assert task.sft_records(50) != ArithmeticTask(seed=4).sft_records(50)
-    sft = task.sft_records(2000)
-    wrong = sum(task.gold_score(r["prompt"], r["response"]) == 0.0 for r in sft)
-    assert 0.2 < wrong / len(sft) < 0.3  # noisy demonstrations, mistake_rate 0.25
-    for r in sft:
+    task = ArithmeticTask(seed=3, max_operand=49)
+    assert task.sft_records(50) == ArithmeticTask(seed=3, max_operand=49).sft_records(50)
+    assert task.sft_records(50) != ArithmeticTask(seed=4, max_operand=49).sft_records(50)
+    for r in task.sft_records(500):
         assert int(r["response"]) >= 0
     prompts = task.rl_prompts(500)
     assert all(task.gold_score(r["prompt"], r["answer"]) == 1.0 for r in prompts)
     assert len({r["prompt"] for r in prompts}) > 200  # varied problems
+    # operands zero-padded to the width of max_operand: every digit at a fixed offset
+    assert all(re.fullmatch(r"\d\d[+-]\d\d=", r["prompt"]) for r in prompts)
+    assert task.gold_score("07+15=", "22") == 1.0 and task.answer("40-09=") == 31
+    carry = sum(task.is_carry_problem(r["prompt"]) for r in prompts) / len(prompts)
+    assert 0.3 < carry < 0.6  # units sum >= 10 / borrow: a large share, not all
 
 
-def test_preferences_prefer_the_closer_answer_with_label_noise():
-    task = ArithmeticTask(seed=0, label_noise=0.1)
-    prefs = task.preference_records(3000)
-    agree = 0
+def test_carry_and_forgotten_carry():
+    assert needs_carry(27, "+", 15) and forgot_carry(27, "+", 15) == 32
+    assert needs_carry(42, "-", 15) and forgot_carry(42, "-", 15) == 37
+    assert needs_carry(42, "-", 35) and forgot_carry(42, "-", 35) == 17
+    assert not needs_carry(21, "+", 18) and not needs_carry(49, "-", 28)
+    assert not needs_carry(9, "*", 9)
+    with pytest.raises(ValueError, match="no carry"):
+        forgot_carry(21, "+", 18)
+    task = ArithmeticTask(seed=0)
+    assert task.is_carry_problem("5+5=") and not task.is_carry_problem("10-0=")
+
+
+def test_demonstrators_forget_the_carry_systematically():
+    task = ArithmeticTask(seed=1, max_operand=49, carry_forget_rate=0.7, mistake_rate=0.05)
+    sft = task.sft_records(4000)
+    hard = [r for r in sft if task.is_carry_problem(r["prompt"])]
+    easy = [r for r in sft if not task.is_carry_problem(r["prompt"])]
+    forgot = 0
+    for r in hard:
+        a, op, b = parse_prompt(r["prompt"])
+        forgot += int(r["response"]) == forgot_carry(a, op, b)
+    # the typical mistake is the mode on carry problems: greedy imitation learns it
+    assert 0.65 < forgot / len(hard) < 0.75
+    easy_wrong = sum(task.gold_score(r["prompt"], r["response"]) == 0.0 for r in easy)
+    assert 0.03 < easy_wrong / len(easy) < 0.07  # random slips only
+    clean = ArithmeticTask(seed=1, max_operand=49, carry_forget_rate=0.0, mistake_rate=0.0)
+    assert all(clean.gold_score(r["prompt"], r["response"]) for r in clean.sft_records(500))
+
+
+def test_annotators_prefer_the_correct_answer_with_label_noise():
+    task = ArithmeticTask(seed=0, max_operand=49, label_noise=0.1, carry_pair_rate=0.5)
+    prefs = task.preference_records(4000)
+    agree = typical = hard = 0
     for r in prefs:
         assert r["chosen"] != r["rejected"]
+        assert int(r["chosen"]) >= 0 and int(r["rejected"]) >= 0
         truth = task.answer(r["prompt"])
-        d_chosen = abs(int(r["chosen"]) - truth)
-        d_rejected = abs(int(r["rejected"]) - truth)
-        agree += d_chosen < d_rejected or (d_chosen == d_rejected)
-    assert 0.85 < agree / len(prefs) < 0.95
+        assert truth in (int(r["chosen"]), int(r["rejected"]))  # always one correct answer
+        agree += int(r["chosen"]) == truth
+        wrong = int(r["rejected"]) if int(r["chosen"]) == truth else int(r["chosen"])
+        if abs(wrong - truth) == 10:  # only the forgotten carry differs in the tens alone
+            a, op, b = parse_prompt(r["prompt"])
+            assert needs_carry(a, op, b) and wrong == forgot_carry(a, op, b), r
+        if task.is_carry_problem(r["prompt"]):
+            hard += 1
+            a, op, b = parse_prompt(r["prompt"])
+            typical += forgot_carry(a, op, b) in (int(r["chosen"]), int(r["rejected"]))
+    assert 0.87 < agree / len(prefs) < 0.93
+    # on carry problems the pair shows the demonstrators' typical mistake
+    assert 0.45 < typical / hard < 0.55
+
+
+def test_task_rejects_bad_settings():
+    with pytest.raises(ValueError, match="max_operand"):
+        ArithmeticTask(max_operand=0)
+    with pytest.raises(ValueError, match="ops"):
+        ArithmeticTask(ops="+/")
+    with pytest.raises(ValueError, match="carry_forget_rate"):
+        ArithmeticTask(carry_forget_rate=1.5)
+    with pytest.raises(ValueError, match="not an arithmetic prompt"):
+        ArithmeticTask().answer("12+=")
 
 
 def test_gold_score_is_exact():

@@ -20,7 +20,7 @@ def test_demo_pipeline_runs_and_reports(tmp_path, capsys):
         "common.train.cpu_threads=1",
         "common.logging.plots=true",
     ]
-    for stage in ("sft", "rm", "dpo"):
+    for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         overrides += [
             f"{stage}.train.max_steps=2",
             f"{stage}.train.batch_size=4",
@@ -28,8 +28,10 @@ def test_demo_pipeline_runs_and_reports(tmp_path, capsys):
             f"{stage}.data.num_eval=8",
             f"{stage}.train.eval_every=0",
         ]
+    for stage in ("ppo", "grpo"):
+        overrides += [f"{stage}.ppo.rollout_batch_size=4", f"{stage}.ppo.num_mini_batches=1"]
     reports = run_demo(DEMO, overrides)
-    assert [r.stage for r in reports] == ["init", "sft", "rm", "dpo"]
+    assert [r.stage for r in reports] == ["init", "sft", "rm", "ppo", "dpo", "grpo"]
     for r in reports:
         if r.stage == "rm":
             assert r.gold_accuracy is None and 0 <= r.metrics["rm_auc"] <= 1
