@@ -59,6 +59,14 @@ def _single_process_dcp(ctx: DistContext) -> Iterator[None]:
         yield
 
 
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The state DCP saves from and loads into: model (+ optimizer), keyed by name."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def save_sharded(
     path: str | Path,
     model: torch.nn.Module,
@@ -77,11 +85,7 @@ def save_sharded(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+    state = _dcp_state(model, optimizer)
     with _single_process_dcp(ctx):
         dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not ctx.distributed)
     if ctx.is_main and extra_state is not None:
@@ -108,11 +112,7 @@ def load_sharded(
     path = Path(path)
     if not (path / DCP_DIR / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)")
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+    state = _dcp_state(model, optimizer)
     with _single_process_dcp(ctx):
         dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=not ctx.distributed)
     if optimizer is None:
