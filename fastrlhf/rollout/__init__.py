@@ -5,6 +5,9 @@ generate -> score -> train memory state machine.
   response per packed prompt with the policy's own weights and returns a packed ``Rollout``
   (sampled-token log-probs included); ``Rollout.to_training_batch()`` gives the shifted
   labels / loss mask / old log-probs layout the trainer consumes.
+- ``sequence_keys(seed, step, ids)`` gives per-sequence sampling keys; passed to
+  ``generate(..., sample_keys=keys)`` they make each rollout a function of its own prompt
+  and key only, whatever the batch or rank (layout-invariant data-parallel sampling).
 - ``ReusableKVCache`` keeps one static KV cache alive across decode steps and rollouts.
 - ``HybridMemoryManager`` enforces the phase order and frees / offloads memory between phases.
 
@@ -22,7 +25,13 @@ from fastrlhf.rollout.generate import (
     pack_prompts,
 )
 from fastrlhf.rollout.memory import HybridMemoryManager, Phase, PhaseRecord
-from fastrlhf.rollout.sampling import sample_next_token, top_k_filter, top_p_filter
+from fastrlhf.rollout.sampling import (
+    keyed_uniform,
+    sample_next_token,
+    sequence_keys,
+    top_k_filter,
+    top_p_filter,
+)
 
 __all__ = [
     "GenerationConfig",
@@ -33,8 +42,10 @@ __all__ = [
     "Rollout",
     "RolloutBatch",
     "generate",
+    "keyed_uniform",
     "pack_prompts",
     "sample_next_token",
+    "sequence_keys",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -13,7 +13,8 @@ What ``generate`` computes, for prompts given in packed form (``prompt_ids`` [Np
    ``ReusableKVCache`` keeps between rollouts (reset, not reallocated).
 3. Decode: each step turns the last hidden state into fp32 logits with the policy's own
    ``lm_head`` weight and bias (the ones training passes to ``linear_token_logprobs``),
-   samples a token (``sampling.sample_next_token``: temperature, top-k, top-p, greedy) and
+   samples a token (``sampling.sample_next_token``: temperature, top-k, top-p, greedy;
+   from a torch.Generator, or keyed per sequence and position with ``sample_keys``) and
    records ``log_softmax(logits / T)`` of it from the unfiltered distribution. A row stops
    after its first EOS (the EOS is part of the response: the policy must learn to stop)
    or after R tokens; rows that are done keep being fed a pad token whose outputs are
@@ -262,6 +263,23 @@ def _check_prompts(prompt_ids: torch.Tensor, prompt_cu_seqlens: torch.Tensor) ->
     return lens
 
 
+def _check_sample_keys(
+    sample_keys: torch.Tensor | None, generator: torch.Generator | None, num_prompts: int
+) -> None:
+    """ValueError unless ``sample_keys`` is None or int64 [B], and not given with a generator."""
+    if sample_keys is None:
+        return
+    if generator is not None:
+        raise ValueError("pass either generator or sample_keys to generate(), not both")
+    if not isinstance(sample_keys, torch.Tensor):
+        raise TypeError(f"sample_keys must be a torch.Tensor, got {type(sample_keys).__name__}")
+    if sample_keys.dtype != torch.int64 or tuple(sample_keys.shape) != (num_prompts,):
+        raise ValueError(
+            f"sample_keys must be int64 of shape ({num_prompts},), one key per prompt in "
+            f"packed order; got {describe(sample_keys)}"
+        )
+
+
 @torch.no_grad()
 def _decode(
     parts: _PolicyParts,
@@ -270,10 +288,13 @@ def _decode(
     config: GenerationConfig,
     kv_cache: ReusableKVCache,
     generator: torch.Generator | None,
+    sample_keys: torch.Tensor | None,
 ) -> Rollout:
     decoder, weight, bias = parts.decoder, parts.weight, parts.bias
     device = weight.device
     prompt_ids, lens = prompt_ids.to(device).long(), lens.to(device)
+    if sample_keys is not None:
+        sample_keys = sample_keys.to(device)
     B, R = lens.numel(), config.max_new_tokens
     P = int(lens.max())
     S = P + R
@@ -309,6 +330,8 @@ def _decode(
             top_p=config.top_p,
             do_sample=config.do_sample,
             generator=generator,
+            keys=sample_keys,
+            position=t,
         )
         alive = ~finished
         token = torch.where(alive, token, config.pad_token_id)
@@ -383,6 +406,7 @@ def generate(
     *,
     kv_cache: ReusableKVCache | None = None,
     generator: torch.Generator | None = None,
+    sample_keys: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample one response per packed prompt with ``model``'s own weights.
 
@@ -393,6 +417,10 @@ def generate(
         config: sampling settings.
         kv_cache: a ``ReusableKVCache`` to reuse across calls (a throwaway one if None).
         generator: a torch.Generator on the model's device, for reproducible sampling.
+        sample_keys: [B] int64, one key per prompt in packed order (``sequence_keys``):
+            response token t of prompt b is then drawn from ``keyed_uniform(keys, t)[b]``,
+            so a sequence's rollout does not depend on the rest of the batch or on which
+            rank generates it. Excludes ``generator``. Moved to the model's device.
 
     Returns a packed ``Rollout``. The model's train/eval mode is restored on return.
 
@@ -403,12 +431,13 @@ def generate(
     """
     config.validate()
     lens = _check_prompts(prompt_ids, prompt_cu_seqlens)
+    _check_sample_keys(sample_keys, generator, lens.numel())
     kv_cache = kv_cache if kv_cache is not None else ReusableKVCache()
     parts = _policy_parts(model)
     was_training = model.training
     model.eval()
     try:
         with _decode_attention(model, parts), _autocast_off(prompt_ids.device):
-            return _decode(parts, prompt_ids, lens, config, kv_cache, generator)
+            return _decode(parts, prompt_ids, lens, config, kv_cache, generator, sample_keys)
     finally:
         model.train(was_training)
