@@ -1,15 +1,19 @@
-"""Atomic, resumable, safely loadable training checkpoints.
+"""Atomic, resumable, reshardable, safely loadable training checkpoints.
 
 A checkpoint is a directory ``<run_dir>/checkpoints/step_XXXXXXXX/`` holding
 
+    dcp/                    model and optimizer state through torch.distributed.checkpoint,
+                            keyed by parameter NAME: every rank writes its own shards, and
+                            any world size (1 included) loads them, resharded
     model/                  the stage's model in HF format (``save_pretrained``: safetensors
                             weights + config), loadable by transformers / the next stage
-    extra_weights.safetensors  trainable tensors the HF export does not hold under a name we
-                            can match exactly (LoRA adapters, reward heads); often absent
-    weights_map.json        trainable parameter name -> (file, key) it is restored from
-    trainer_state.pt        optimizer, scheduler, RNG states, step and data position:
+    trainer_state.pt        step, schedulers, data position, world size (rank 0's):
                             tensors, numbers and strings only, read back with
                             ``torch.load(weights_only=True)`` (never arbitrary unpickling)
+    rng/rank_RRRRR.pt       each rank's torch / Python / numpy (/ CUDA) RNG state
+
+The same format serves one process and many, so a run resumes with another world size
+(``load_checkpoint``: RNG states then restart from the seed, everything else is exact).
 
 Atomicity: everything is written into ``.tmp-step_XXXXXXXX`` beside the final name, every
 file and the directory are fsynced, then one ``os.rename`` publishes it and the parent is
@@ -20,19 +24,19 @@ checkpoint is the highest ``step_*`` directory; older ones beyond ``keep_last`` 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastrlhf.distributed import DistContext
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -82,6 +86,30 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
+def save_model_dir(
+    final: str | Path, export: Callable[[Path], None], ctx: DistContext | None = None
+) -> Path:
+    """``export(tmp)`` run by every rank (it may be a collective: gathering a sharded
+    model), then ``tmp`` published as ``final`` by rank 0 with one rename."""
+    from fastrlhf.distributed import barrier
+
+    ctx = ctx or _single()
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}"
+    if ctx.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(ctx)
+    export(tmp)
+    barrier(ctx)
+    if ctx.is_main:
+        publish_dir(tmp, final)
+    barrier(ctx)
+    return final
+
+
 # ---------------------------------------------------------------------------------------
 # RNG state as tensors and numbers only (loadable with weights_only=True)
 
@@ -118,91 +146,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# weights
-
-
-def _safetensors_index(model_dir: Path) -> dict[str, str]:
-    """tensor key -> file name (relative to model_dir) over every *.safetensors file there."""
-    index: dict[str, str] = {}
-    for path in sorted(model_dir.rglob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                index.setdefault(key, str(path.relative_to(model_dir)))
-    return index
-
-
-def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
-
-
-def _write_weights(module: torch.nn.Module, ckpt: Path, save_model: Callable[[Path], None]):
-    """HF export via ``save_model`` + whatever trainable tensors it does not hold exactly."""
-    model_dir = ckpt / "model"
-    save_model(model_dir)
-    index = _safetensors_index(model_dir)
-    mapping: dict[str, list[str]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    handles: dict[str, Any] = {}
-    try:
-        for name, param in _trainable(module).items():
-            parts = name.split(".")
-            # the longest suffix of the parameter's name that the export holds, if the stored
-            # tensor is bit-identical (so a wrong match can never be restored)
-            found = None
-            for i in range(len(parts)):
-                key = ".".join(parts[i:])
-                if key in index:
-                    file = index[key]
-                    if file not in handles:
-                        handles[file] = safe_open(str(model_dir / file), framework="pt")
-                    stored = handles[file].get_tensor(key)
-                    if stored.dtype == param.dtype and torch.equal(stored, param.detach().cpu()):
-                        found = [f"model/{file}", key]
-                    break
-            if found is None:
-                extra[name] = param.detach().cpu().contiguous()
-                found = ["extra_weights.safetensors", name]
-            mapping[name] = found
-    finally:
-        handles.clear()
-    if extra:
-        save_file(extra, str(ckpt / "extra_weights.safetensors"))
-    (ckpt / "weights_map.json").write_text(json.dumps(mapping, indent=0))
-
-
-def load_weights(module: torch.nn.Module, ckpt: str | Path) -> None:
-    """Copy a checkpoint's trainable tensors into ``module`` (bit-exact, safetensors only)."""
-    ckpt = Path(ckpt)
-    mapping = json.loads((ckpt / "weights_map.json").read_text())
-    params = _trainable(module)
-    missing = sorted(set(params) - set(mapping))
-    if missing:
-        raise ValueError(
-            f"checkpoint {ckpt} has no weights for trainable parameters {missing[:5]} "
-            f"({len(missing)} in all): was it written by a different model or LoRA setting?"
-        )
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for name, (file, key) in mapping.items():
-        by_file.setdefault(file, []).append((name, key))
-    with torch.no_grad():
-        for file, items in by_file.items():
-            with safe_open(str(ckpt / file), framework="pt") as f:
-                for name, key in items:
-                    if name not in params:
-                        raise ValueError(
-                            f"checkpoint {ckpt}: {name!r} is not a trainable parameter"
-                        )
-                    t = f.get_tensor(key)
-                    p = params[name]
-                    if t.shape != p.shape or t.dtype != p.dtype:
-                        raise ValueError(
-                            f"checkpoint {ckpt}: {name!r} is {tuple(t.shape)} {t.dtype}, the "
-                            f"model has {tuple(p.shape)} {p.dtype}"
-                        )
-                    p.copy_(t)
-
-
-# ---------------------------------------------------------------------------------------
 # whole checkpoints
 
 
@@ -220,32 +163,99 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / "rng" / f"rank_{rank:05d}.pt"
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
     module: torch.nn.Module,
-    save_model: Callable[[Path], None],
+    optimizers: list[torch.optim.Optimizer],
     trainer_state: dict[str, Any],
+    *,
+    export: Callable[[Path], None],
     keep_last: int,
+    ctx: DistContext | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically under ``root`` and keep the last ``keep_last``."""
+    """Write checkpoint ``step`` atomically under ``root``; keep the last ``keep_last``.
+
+    Every rank calls it. ``export(dir)`` writes the model in HF format into ``dir`` (a
+    collective too when the model is sharded); ``trainer_state`` (rank 0's: step,
+    schedulers, data position...) must hold only tensors, numbers and strings."""
+    from fastrlhf.distributed import barrier
+    from fastrlhf.distributed.checkpoint import write_sharded
+
+    ctx = ctx or _single()
     root = Path(root)
-    for stale in root.glob(".tmp-*") if root.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if ctx.is_main:
+        # a crash may have left a half-written .tmp-* or, mid-publish, an .old-* directory
+        for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")] if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
+    write_sharded(tmp / "dcp", module, optimizers, ctx)
+    export(tmp / "model")
+    torch.save(rng_state(), _rng_file(tmp, ctx.rank))
+    if ctx.is_main:
+        torch.save({**trainer_state, "world_size": ctx.world_size}, tmp / "trainer_state.pt")
+    barrier(ctx)  # every rank's files are written before rank 0 publishes
+    if ctx.is_main:
+        publish_dir(tmp, final)
+        for old in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier(ctx)  # nobody reads or prunes checkpoints before the rename
+    return final
 
-    def write(tmp: Path) -> None:
-        _write_weights(module, tmp, save_model)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
 
-    path = atomic_write_dir(root / f"step_{step:08d}", write)
-    for old in checkpoint_dirs(root)[:-keep_last]:
-        shutil.rmtree(old)
-    return path
+def load_checkpoint(
+    ckpt: str | Path,
+    module: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    *,
+    seed: int,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
+    """Restore ``save_checkpoint``'s weights and optimizer states into ``module`` and
+    ``optimizers`` (built, and sharded, first), whatever the world size that wrote them;
+    set this rank's RNG; return the trainer state. Every rank calls it.
+
+    RNG: with the world size that wrote the checkpoint each rank gets its own state back
+    (a bit-identical continuation); with another one there is no such state to restore,
+    so rank r is seeded from (seed, step, r) instead."""
+    from fastrlhf.distributed.checkpoint import read_sharded
+
+    ctx = ctx or _single()
+    ckpt = Path(ckpt)
+    state = load_trainer_state(ckpt)
+    read_sharded(ckpt / "dcp", module, optimizers, ctx)
+    rng = _rng_file(ckpt, ctx.rank)
+    if state.get("world_size") == ctx.world_size and rng.is_file():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    else:
+        seed_rank(seed * 1_000_003 + int(state["step"]), ctx.rank)
+    return state
 
 
 def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
-    """The optimizer / scheduler / RNG / position state of a checkpoint (weights_only)."""
+    """The scheduler / position / step state of a checkpoint (weights_only)."""
     path = Path(ckpt) / "trainer_state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a fastrlhf checkpoint")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch, Python and numpy's global generators for ``rank`` (distinct streams)."""
+    value = (seed + 7919 * rank) % 2**32
+    random.seed(value)
+    np.random.seed(value)  # noqa: NPY002 - the legacy global generator others may use
+    torch.manual_seed(value)
+
+
+def _single() -> DistContext:
+    from fastrlhf.distributed import DistContext
+
+    return DistContext()

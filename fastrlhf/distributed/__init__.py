@@ -4,7 +4,7 @@
   on CPU, one GPU per process; a trivial single-process context without torchrun),
   ``teardown``, ``barrier``, ``main_process_first``; ``all_reduce_sum``,
   ``global_token_count``, ``all_gather_varlen`` + ``rank_slice``,
-  ``global_masked_whiten``; ``shard_for_rank`` / ``rank_micro_batches``.
+  ``global_masked_whiten``, ``global_max``; ``shard_for_rank`` / ``rank_micro_batches``.
 - ``fsdp``: ``shard_model`` (fully_shard per decoder layer, then the root; bf16 mixed
   precision on CUDA), ``gathered_params`` (parameters gathered once for generation),
   ``clip_grad_norm_`` (DTensor-aware), ``full_lm_head_weight``.
@@ -33,6 +33,7 @@ from fastrlhf.distributed.context import (
     all_reduce_sum,
     barrier,
     global_masked_whiten,
+    global_max,
     global_token_count,
     init_distributed,
     main_process_first,
@@ -64,6 +65,7 @@ __all__ = [
     "full_state_dict",
     "gathered_params",
     "global_masked_whiten",
+    "global_max",
     "global_token_count",
     "init_distributed",
     "is_sharded",

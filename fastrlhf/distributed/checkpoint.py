@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -59,12 +60,64 @@ def _single_process_dcp(ctx: DistContext) -> Iterator[None]:
         yield
 
 
-def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """The state DCP saves from and loads into: model (+ optimizer), keyed by name."""
-    if optimizer is None:
+def _as_list(optimizers) -> list[torch.optim.Optimizer]:
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    return list(optimizers)
+
+
+def _dcp_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """The state DCP saves from and loads into: model (+ optimizers), keyed by name.
+    Several optimizers of one model (policy and critic under one wrapper) merge into one
+    optimizer state keyed by parameter name."""
+    if not optimizers:
         return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     return {"model": model_sd, "optim": optim_sd}
+
+
+def write_sharded(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | None,
+    ctx: DistContext,
+) -> None:
+    """DCP-save model (+ optimizers) into ``directory`` (created by DCP); not atomic on its
+    own: callers write into a temporary directory and publish it. Every rank calls it."""
+    state = _dcp_state(model, _as_list(optimizers))
+    with _single_process_dcp(ctx):
+        dcp.save(state, checkpoint_id=str(directory), no_dist=not ctx.distributed)
+
+
+def read_sharded(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | None,
+    ctx: DistContext,
+) -> None:
+    """Load ``write_sharded``'s ``directory`` into model (+ optimizers), resharding to this
+    world size. Every rank calls it."""
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} is not a DCP checkpoint (no .metadata file)")
+    optimizers = _as_list(optimizers)
+    state = _dcp_state(model, optimizers)
+    try:
+        with _single_process_dcp(ctx):
+            dcp.load(state, checkpoint_id=str(directory), no_dist=not ctx.distributed)
+    except CheckpointException as e:
+        # a BaseException subclass in torch, whose message is every rank's traceback: make
+        # a mismatch an ordinary error that says what did not match
+        causes = "; ".join(f"rank {r}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
+        raise ValueError(f"cannot load {directory} into this model: {causes}") from None
+    if not optimizers:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(
+            model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
 
 
 def save_sharded(
@@ -85,9 +138,7 @@ def save_sharded(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
-    state = _dcp_state(model, optimizer)
-    with _single_process_dcp(ctx):
-        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not ctx.distributed)
+    write_sharded(tmp / DCP_DIR, model, optimizer, ctx)
     if ctx.is_main and extra_state is not None:
         torch.save(extra_state, tmp / EXTRA_FILE)
     barrier(ctx)  # every rank's files are written before rank 0 publishes
@@ -112,15 +163,7 @@ def load_sharded(
     path = Path(path)
     if not (path / DCP_DIR / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)")
-    state = _dcp_state(model, optimizer)
-    with _single_process_dcp(ctx):
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=not ctx.distributed)
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+    read_sharded(path / DCP_DIR, model, optimizer, ctx)
     extra = path / EXTRA_FILE
     return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
 
@@ -179,6 +222,20 @@ def _write_hf(model: torch.nn.Module, sd: dict[str, torch.Tensor], out: Path) ->
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def write_hf(out: str | Path, models: dict[str, torch.nn.Module], ctx: DistContext) -> None:
+    """Consolidated HF-format models written by rank 0 into ``out/<subdir>`` for each
+    ``{subdir: model}`` ("" = ``out`` itself), e.g. {"": policy, "critic": critic}. Not
+    atomic on its own. Every rank calls it (the gathers are collectives)."""
+    out = Path(out)
+    gathered = {sub: full_state_dict(model, ctx) for sub, model in models.items()}
+    if ctx.is_main:
+        for sub, model in models.items():
+            target = out / sub if sub else out
+            target.mkdir(parents=True, exist_ok=True)
+            _write_hf(model, gathered[sub], target)
+    barrier(ctx)
 
 
 def export_hf(path: str | Path, model: torch.nn.Module, ctx: DistContext) -> Path:

@@ -235,17 +235,34 @@ def shard_for_rank(micro_batches: Sequence[Any], ctx: DistContext) -> list[Any]:
 def rank_micro_batches(
     indices: Sequence[int], lengths: Sequence[int], max_tokens: int, ctx: DistContext
 ) -> list[list[int]]:
-    """This rank's micro-batches (lists of example indices) of a step's examples:
-    Karmarkar-Karp groups of nearly equal token totals, one per rank, each packed under
-    ``max_tokens`` (first-fit decreasing). With one process this is plain FFD packing."""
-    from fastrlhf.data.packing import pack_sequences
+    """This rank's micro-batches (lists of example indices) of a step's examples.
 
-    lens = [lengths[i] for i in indices]
-    too_long = [i for i, n in zip(indices, lens) if n > max_tokens]
-    if too_long:
-        raise ValueError(
-            f"examples {too_long[:5]} are longer than max_tokens={max_tokens}: raise "
-            "train.micro_batch_tokens or lower data.max_length"
-        )
-    bins = pack_sequences(lens, max_tokens, algorithm="kk", num_ranks=ctx.world_size)
-    return [[indices[j] for j in b] for b in shard_for_rank(bins, ctx)]
+    The examples are split into R Karmarkar-Karp groups of nearly equal token totals, one
+    per rank; a group is packed under ``max_tokens`` by first-fit decreasing, and an
+    example longer than ``max_tokens`` gets a micro-batch of its own (as with one
+    process). Ranks may end up with different counts: FSDP needs every rank to run as
+    many forwards, so the trainer pads to ``global_max`` of the counts with zero-weight
+    repeats. With one process this is plain FFD packing of ``indices``."""
+    import numpy as np
+
+    from fastrlhf.data.packing import ffd_bins, kk_groups
+
+    lens = np.asarray([lengths[i] for i in indices], dtype=np.int64)  # [n]
+    if ctx.world_size > 1:
+        group = sorted(kk_groups(lens, ctx.world_size)[ctx.rank])
+    else:
+        group = list(range(len(indices)))
+    fits = [j for j in group if lens[j] <= max_tokens]
+    too_long = [j for j in group if lens[j] > max_tokens]
+    bins = ffd_bins(lens[fits], max_tokens) if fits else []
+    out = [[indices[fits[b]] for b in bin_] for bin_ in bins]
+    return out + [[indices[j]] for j in too_long]
+
+
+def global_max(value: int, ctx: DistContext) -> int:
+    """The largest ``value`` over the ranks (one small all-reduce, one host sync)."""
+    if not ctx.distributed:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -44,9 +44,35 @@ def seed_everything(seed: int) -> None:
 
 
 def run_stage(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
-    """Train ``cfg.stage`` with ``cfg``; ``resume`` continues from the latest checkpoint."""
+    """Train ``cfg.stage`` with ``cfg``; ``resume`` continues from the latest checkpoint.
+
+    Under torchrun every process calls this: it joins the process group (one GPU per
+    process), builds the embedded model on rank 0 first, trains, and leaves the group."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {sorted(STAGES)}")
+    from fastrlhf.distributed import main_process_first, teardown
+    from fastrlhf.trainers.common import model_path
+    from fastrlhf.trainers.loop import run_context
+
     set_cpu_threads(cfg.train.cpu_threads)
-    seed_everything(cfg.seed)  # model init (LoRA adapters, heads) is then reproducible
-    return importlib.import_module(STAGES[cfg.stage]).run(cfg, resume=resume)
+    ctx = run_context(cfg.device)
+    try:
+        with main_process_first(ctx):  # materialise the embedded model once
+            model_path(cfg.model, cfg.run_dir)
+        seed_everything(cfg.seed)  # the same model init (LoRA, heads) on every rank
+        stage = importlib.import_module(STAGES[cfg.stage])
+        result = stage.run(cfg, resume=resume, ctx=ctx)
+    except BaseException:
+        # no barrier: the other ranks may be inside a collective this one will never join;
+        # torchrun stops them when this process exits with an error
+        _leave_group(ctx)
+        raise
+    teardown(ctx)
+    return result
+
+
+def _leave_group(ctx) -> None:
+    import torch.distributed as dist
+
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

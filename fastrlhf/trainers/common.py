@@ -188,6 +188,7 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy continuations (token ids, stopped at EOS) of each prompt, via HF ``generate``
     on the policy's causal LM with left padding."""
+    from fastrlhf.distributed import gathered_params
     from fastrlhf.models.attention import padded_attention
 
     tok = policy.tokenizer
@@ -206,8 +207,9 @@ def greedy_generate(
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        # packed (varlen) attention cannot see a padding mask: generate with SDPA
-        with padded_attention(policy.causal_lm):
+        # packed (varlen) attention cannot see a padding mask: generate with SDPA; a
+        # sharded policy is gathered once for the whole generation
+        with gathered_params(policy), padded_attention(policy.causal_lm):
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_pairs
+from fastrlhf.distributed import DistContext, barrier
 from fastrlhf.trainers.common import (
     data_settings,
     load_policy_for,
@@ -50,7 +51,7 @@ from fastrlhf.trainers.loop import (
     matmul_params,
     pack_indices,
     progress,
-    resolve_device,
+    stage_context,
     train,
 )
 
@@ -60,11 +61,14 @@ REFERENCE_FREE = ("simpo", "orpo")
 class DPOStage(Stage):
     name = "dpo"
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: RunConfig, *, resume: bool = False, ctx: DistContext | None = None
+    ) -> None:
         from fastrlhf.data.formats import tokenize_preferences
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.ctx = stage_context(cfg, ctx)
+        self.device = self.ctx.device
         self.autocast = cfg.train.bf16
         path = model_path(cfg.model, cfg.run_dir)
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
@@ -83,10 +87,11 @@ class DPOStage(Stage):
         self.ref_name = cfg.dpo.ref_model or path
         if self.needs_ref and not (self.policy.has_lora and cfg.dpo.ref_model is None):
             self.ref = load_policy_for(cfg, self.ref_name, self.device, trainable=False)
-        if not resume:
+        if not resume and self.ctx.is_main:
             # the cache is for resuming this run; a fresh run may have a retrained reference
             for stale in Path(cfg.run_dir).glob("reference_logps_*.safetensors"):
                 stale.unlink()
+        barrier(self.ctx)  # no rank reads a cache that is being removed
         if self.needs_ref and cfg.dpo.reference == "precompute":
             self.ref_tables = {
                 "train": self._reference_table("train", self.train_pairs),
@@ -155,10 +160,11 @@ class DPOStage(Stage):
                     logps = self._seq_logps(model, self._micro([pairs[i] for i in g], g, split))
                 out[g] = logps.float().cpu()
         self.policy.train()
-        Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"logps": out}, str(tmp))
-        tmp.replace(cache)
+        if self.ctx.is_main:  # every rank computed the same table; one writes it
+            Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"logps": out}, str(tmp))
+            tmp.replace(cache)
         return out
 
     # --- the Stage interface -----------------------------------------------------------
@@ -236,5 +242,5 @@ def _reward_sums(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
-    return train(DPOStage(cfg, resume=resume), cfg, resume=resume)
+def run(cfg: RunConfig, *, resume: bool = False, ctx: DistContext | None = None) -> TrainResult:
+    return train(DPOStage(cfg, resume=resume, ctx=ctx), cfg, resume=resume)

@@ -5,10 +5,12 @@ how to evaluate and how to save its model. The loop owns the rest:
 
     for step in 1..max_steps:
         indices   = the step's ``batch_size`` examples (a seeded permutation per epoch)
-        micro     = those examples packed into micro-batches of <= micro_batch_tokens
-        U         = sum of loss units over ALL micro-batches (response tokens for SFT,
-                    pairs for RM / DPO): the global normaliser
+        micro     = this rank's share of them (Karmarkar-Karp groups of nearly equal
+                    tokens, one per rank) packed into micro-batches of <= micro_batch_tokens
+        U         = sum of loss units over ALL ranks' micro-batches (response tokens for
+                    SFT, pairs for RM / DPO): the global normaliser
         for mb in micro:  (loss_sum(mb) / U).backward()     # bf16 autocast on CUDA
+        (FSDP sums the gradients over ranks: the one-process gradient)
         clip grad norm, AdamW step, LR schedule step
         every log_every: loss, lr, grad norm, tokens/s, MFU, peak memory -> metrics.jsonl
         every eval_every: stage.evaluate();  every save_every: atomic checkpoint
@@ -20,6 +22,12 @@ response tokens weighs more, exactly as in one big batch.
 Host syncs: one per optimizer step (loss, grad norm and metric sums fetched together),
 which is also where a non-finite loss stops the run, BEFORE the optimizer applies it.
 The example order is a pure function of (seed, step), so resuming needs only the step.
+
+Several processes (``torchrun ... -m fastrlhf <stage>``): the module is sharded with FSDP2
+before the optimizer is built; every rank runs the same number of forwards (a rank with
+fewer micro-batches repeats one with weight 0, since each forward is a collective); eval
+runs on every rank alike; rank 0 alone logs, plots and publishes checkpoints, which every
+rank writes its shards of (``fastrlhf.checkpoint``: loadable with any world size).
 """
 
 from __future__ import annotations
@@ -37,16 +45,25 @@ from typing import Any
 import torch
 
 from fastrlhf.checkpoint import (
-    atomic_write_dir,
     checkpoint_dirs,
     latest_checkpoint,
-    load_trainer_state,
-    load_weights,
-    rng_state,
+    load_checkpoint,
     save_checkpoint,
-    set_rng_state,
+    save_model_dir,
+    seed_rank,
 )
 from fastrlhf.config import OptimConfig, RunConfig, save_config, to_dict
+from fastrlhf.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    clip_grad_norm_,
+    global_max,
+    global_token_count,
+    init_distributed,
+    rank_micro_batches,
+    shard_model,
+)
 from fastrlhf.metrics import MetricsLogger, plot_metrics, truncate_after
 
 
@@ -68,6 +85,7 @@ class Stage(ABC):
 
     name: str
     module: torch.nn.Module  # the trained (and checkpointed) module
+    ctx: DistContext  # rank, world size, device (``stage_context``)
     device: torch.device
     autocast: bool  # bf16 autocast around forwards (CUDA only)
 
@@ -226,22 +244,28 @@ def pack_indices(indices: list[int], lengths: list[int], max_tokens: int) -> lis
 
 
 def accumulate_gradients(
-    stage: Stage, micro: list[MicroBatch]
+    stage: Stage, micro: list[MicroBatch], total_units: int | None = None, padding: int = 0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Backward of sum_m loss_sum(m) / U over the micro-batches, U = their total units.
+    """Backward of sum_m loss_sum(m) / U over this rank's micro-batches, U = ``total_units``
+    (all ranks'; default: the units of ``micro``), then ``padding`` zero-weight forwards
+    and backwards of ``micro[0]`` so that every rank takes part in as many FSDP
+    collectives.
 
-    Returns the step's loss and the metric sums (device tensors, no host sync)."""
-    total_units = sum(mb.units for mb in micro)
+    Returns this rank's share of the step's loss and metric sums (device tensors)."""
+    if total_units is None:
+        total_units = sum(mb.units for mb in micro)
     loss_total = torch.zeros((), device=stage.device)
     sums: dict[str, torch.Tensor] = {}
-    for mb in micro:
+    for i, mb in enumerate(micro + micro[:1] * padding):
+        weight = 1.0 / total_units if i < len(micro) else 0.0
         with stage.forward_context():
             loss_sum, metric_sums = stage.loss_sum(mb)
-        loss = loss_sum.float() / total_units
+        loss = loss_sum.float() * weight
         loss.backward()
-        loss_total += loss.detach()
-        for k, v in metric_sums.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
+        if weight:
+            loss_total += loss.detach()
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
     return loss_total, sums
 
 
@@ -259,6 +283,32 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available on this machine")
     return dev
+
+
+def launched_by_torchrun() -> bool:
+    import os
+
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_context(device: str) -> DistContext:
+    """The process context of a run: under torchrun (or in an initialised process group)
+    join it, one GPU per process; otherwise one process on ``device``."""
+    import torch.distributed as dist
+
+    if not (launched_by_torchrun() or dist.is_initialized()):
+        return DistContext(device=resolve_device(device))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(
+            f"device={device!r}: under torchrun every process takes cuda:LOCAL_RANK; "
+            "set device to auto, cuda or cpu"
+        )
+    return init_distributed(device)
+
+
+def stage_context(cfg: RunConfig, ctx: DistContext | None) -> DistContext:
+    """``ctx``, or a single-process context on ``cfg.device`` (stages built directly)."""
+    return ctx if ctx is not None else DistContext(device=resolve_device(cfg.device))
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -306,53 +356,112 @@ class _Window:
         return row
 
 
-def _restore_or_reset(stage: Stage, optimizer, scheduler, run_dir: Path, resume: bool) -> int:
-    """Load the latest checkpoint when resuming (returns its step), else clear the run dir's
-    old checkpoints and metrics (returns 0)."""
+class _NoLogger:
+    """What ranks other than 0 log through: nothing."""
+
+    def log(self, step: int, split: str, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_logger(cfg: RunConfig, run_dir: Path, name: str, ctx: DistContext):
+    if not ctx.is_main:
+        return _NoLogger()
+    return MetricsLogger(
+        run_dir,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project,
+        run_name=f"{name}:{run_dir.name}",
+        config=to_dict(cfg),
+    )
+
+
+def prepare_run_dir(cfg: RunConfig, ctx: DistContext) -> Path:
+    """Create the run dir and write the resolved config (rank 0), then sync."""
+    run_dir = Path(cfg.run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier(ctx)
+    return run_dir
+
+
+def restore_or_reset(
+    name: str,
+    module: torch.nn.Module,
+    optimizers: list,
+    run_dir: Path,
+    resume: bool,
+    seed: int,
+    ctx: DistContext,
+) -> tuple[int, dict]:
+    """Load the latest checkpoint when resuming: (its step, its trainer state). Else clear
+    the run dir's old checkpoints and metrics: (0, {})."""
     ckpt_root = run_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        state = load_trainer_state(latest)
-        load_weights(stage.module, latest)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        state = load_checkpoint(latest, module, optimizers, seed=seed, ctx=ctx)
         start = int(state["step"])
-        truncate_after(run_dir / "metrics.jsonl", start)
-        print(f"[{stage.name}] resumed from {latest} (step {start})")
-        return start
-    if resume:
-        print(f"[{stage.name}] --resume: no checkpoint in {ckpt_root}, starting fresh")
+        if ctx.is_main:
+            truncate_after(run_dir / "metrics.jsonl", start)
+            print(f"[{name}] resumed from {latest} (step {start})")
+        barrier(ctx)
+        return start, state
+    if resume and ctx.is_main:
+        print(f"[{name}] --resume: no checkpoint in {ckpt_root}, starting fresh")
     # a fresh run owns its run dir: stale checkpoints would outrank (and, when pruning,
     # evict) the new ones, and stale metrics would mix into its curves
     old = checkpoint_dirs(ckpt_root)
-    if old:
-        print(f"[{stage.name}] fresh run: removing {len(old)} old checkpoint(s) in {ckpt_root}")
+    if old and ctx.is_main:
+        print(f"[{name}] fresh run: removing {len(old)} old checkpoint(s) in {ckpt_root}")
         for path in old:
             shutil.rmtree(path)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return 0
+    if ctx.is_main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    barrier(ctx)
+    return 0, {}
 
 
-def _train_step(stage: Stage, micro: list[MicroBatch], optimizer, scheduler, params, cfg, step):
-    """One optimizer step over ``micro``; returns the step's metrics (host floats).
+def exporter(models: dict[str, torch.nn.Module], save_model, ctx: DistContext):
+    """``export(dir)`` for checkpoints and the final model: ``save_model`` with one
+    process, the consolidated FSDP state dicts written by rank 0 with several."""
+    if not ctx.distributed:
+        return save_model
+    from fastrlhf.distributed.checkpoint import write_hf
 
-    The only host sync: loss, grad norm and metric sums fetched together. A non-finite
-    loss or gradient norm raises before the optimizer applies anything."""
-    total_units = sum(mb.units for mb in micro)
+    return lambda out: write_hf(out, models, ctx)
+
+
+def _train_step(stage: Stage, groups: list[list[int]], optimizer, scheduler, params, cfg, step):
+    """One optimizer step over this rank's micro-batch ``groups``; returns the step's
+    metrics (host floats, global over the ranks) and its global token count.
+
+    Host syncs: the global unit and micro-batch counts (only with several processes),
+    then loss, grad norm and metric sums fetched together. A non-finite loss or gradient
+    norm raises on every rank before the optimizer applies anything."""
+    ctx = stage.ctx
+    micro = [stage.micro_batch(g) for g in groups]
+    local_units = sum(mb.units for mb in micro)
+    total_units = global_token_count(local_units, ctx)
     if total_units == 0:
         raise ValueError(
             f"step {step}: the batch has no loss units (no response tokens); check "
             "data.max_length / data.max_prompt_length (truncation may cut every response)"
         )
-    loss_total, sums = accumulate_gradients(stage, micro)
+    padding = global_max(len(micro), ctx) - len(micro)
+    loss_total, sums = accumulate_gradients(stage, micro, total_units, padding)
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = clip_grad_norm_(params, max_norm)
     names = list(sums)
-    values = torch.stack(
-        [loss_total, grad_norm.to(loss_total.device).float()] + [sums[k] for k in names]
+    tokens = torch.tensor(float(sum(mb.num_tokens for mb in micro)), device=stage.device)
+    local = torch.stack([loss_total, tokens] + [sums[k] for k in names])
+    values = torch.cat(
+        [all_reduce_sum(local, ctx), grad_norm.to(stage.device).float().reshape(1)]
     ).tolist()
-    loss, norm = values[0], values[1]
+    loss, num_tokens, norm = values[0], values[1], values[-1]
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"[{stage.name}] non-finite loss ({loss}) at step {step}; the optimizer step "
@@ -368,17 +477,15 @@ def _train_step(stage: Stage, micro: list[MicroBatch], optimizer, scheduler, par
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     out = {"loss": loss, "grad_norm": norm, "lr": lr}
-    out.update({k: v / total_units for k, v in zip(names, values[2:])})
-    return out
+    out.update({k: v / total_units for k, v in zip(names, values[2:-1])})
+    return out, int(num_tokens)
 
 
-def _trainer_state(step: int, optimizer, scheduler, batch_size: int, num_examples: int) -> dict:
+def _trainer_state(step: int, scheduler, batch_size: int, num_examples: int) -> dict:
     seen = step * batch_size
     return {
         "step": step,
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
         "data_position": {
             "examples_seen": seen,
             "epoch": seen // num_examples,
@@ -389,47 +496,53 @@ def _trainer_state(step: int, optimizer, scheduler, batch_size: int, num_example
 
 def train(stage: Stage, cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     """Train ``stage`` for cfg.train.max_steps optimizer steps in cfg.run_dir."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    ctx = stage.ctx
     tc = cfg.train
+    if tc.batch_size < ctx.world_size:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} is smaller than the {ctx.world_size} "
+            "processes: every rank needs at least one example per step"
+        )
+    run_dir = prepare_run_dir(cfg, ctx)
+    shard_model(stage.module, ctx)  # before the optimizer: sharding replaces the parameters
     stage.module.train()
     optimizer = build_optimizer(stage.module, cfg.optim, stage.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     params = [p for p in stage.module.parameters() if p.requires_grad]
     lengths = stage.example_lengths()
-    start = _restore_or_reset(stage, optimizer, scheduler, run_dir, resume)
-
-    logger = MetricsLogger(
-        run_dir,
-        tensorboard=cfg.logging.tensorboard,
-        wandb=cfg.logging.wandb,
-        wandb_project=cfg.logging.wandb_project,
-        run_name=f"{stage.name}:{run_dir.name}",
-        config=to_dict(cfg),
+    start, state = restore_or_reset(
+        stage.name, stage.module, [optimizer], run_dir, resume, cfg.seed, ctx
     )
+    if start:
+        scheduler.load_state_dict(state["scheduler"])
+    elif ctx.rank > 0:
+        seed_rank(cfg.seed, ctx.rank)  # same model init everywhere, own random streams
+    export = exporter({"": stage.module}, stage.save_model, ctx)
+
+    logger = open_logger(cfg, run_dir, stage.name, ctx)
     peak = peak_tflops(stage.device, tc.peak_tflops)
     flops_per_token = stage.flops_per_token()
     window = _Window()
     eval_metrics: dict[str, float] = {}
-    bar = _progress(tc.max_steps, start, stage.name, tc.progress_bar)
+    bar = _progress(tc.max_steps, start, stage.name, tc.progress_bar and ctx.is_main)
     try:
         for step in range(start + 1, tc.max_steps + 1):
             t0 = time.perf_counter()
             indices = step_indices(step - 1, tc.batch_size, len(lengths), cfg.seed)
-            groups = pack_indices(indices, lengths, tc.micro_batch_tokens)
-            micro = [stage.micro_batch(g) for g in groups]
-            # _train_step syncs with the device once, so this wall time includes its work
-            values = _train_step(stage, micro, optimizer, scheduler, params, cfg, step)
-            window.add(values, sum(mb.num_tokens for mb in micro), time.perf_counter() - t0)
+            groups = rank_micro_batches(indices, lengths, tc.micro_batch_tokens, ctx)
+            # _train_step syncs with the device, so this wall time includes its work
+            values, tokens = _train_step(stage, groups, optimizer, scheduler, params, cfg, step)
+            window.add(values, tokens, time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             last = step == tc.max_steps
             if step % cfg.logging.log_every == 0 or last:
                 row = window.row()
                 row["lr"] = values["lr"]  # the latest, not the interval's mean
-                if peak > 0:
-                    row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e12)
+                if peak > 0:  # the whole job's tokens on all its GPUs' peak
+                    row["mfu"] = (
+                        flops_per_token * row["tokens_per_s"] / (peak * 1e12 * ctx.world_size)
+                    )
                 row["peak_mem_gb"] = peak_memory_gb(stage.device)
                 logger.log(step, "train", row)
                 window = _Window()
@@ -438,16 +551,18 @@ def train(stage: Stage, cfg: RunConfig, *, resume: bool = False) -> TrainResult:
             if (tc.eval_every and step % tc.eval_every == 0) or last:
                 eval_metrics = run_eval(stage)
                 logger.log(step, "eval", eval_metrics)
-                bar.write(f"[{stage.name}] step {step} eval " + _fmt(eval_metrics))
+                if ctx.is_main:
+                    bar.write(f"[{stage.name}] step {step} eval " + _fmt(eval_metrics))
             if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or last:
-                state = _trainer_state(step, optimizer, scheduler, tc.batch_size, len(lengths))
                 save_checkpoint(
                     run_dir / "checkpoints",
                     step,
                     stage.module,
-                    stage.save_model,
-                    state,
-                    cfg.checkpoint.keep_last,
+                    [optimizer],
+                    _trainer_state(step, scheduler, tc.batch_size, len(lengths)),
+                    export=export,
+                    keep_last=cfg.checkpoint.keep_last,
+                    ctx=ctx,
                 )
     finally:
         bar.close()
@@ -458,8 +573,8 @@ def train(stage: Stage, cfg: RunConfig, *, resume: bool = False) -> TrainResult:
         eval_metrics = run_eval(stage)
     final_dir = None
     if cfg.checkpoint.save_final:
-        final_dir = atomic_write_dir(run_dir / "final", stage.save_model)
-    if cfg.logging.plots:
+        final_dir = save_model_dir(run_dir / "final", export, ctx)
+    if cfg.logging.plots and ctx.is_main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots", title=stage.name)
     return TrainResult(steps=tc.max_steps, final_dir=final_dir, eval_metrics=eval_metrics)
 

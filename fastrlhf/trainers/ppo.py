@@ -61,25 +61,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastrlhf.checkpoint import (
-    atomic_write_dir,
-    checkpoint_dirs,
-    latest_checkpoint,
-    load_trainer_state,
-    load_weights,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+from fastrlhf.checkpoint import save_checkpoint, save_model_dir, seed_rank
+from fastrlhf.config import PPOConfig, RunConfig
+from fastrlhf.distributed import (
+    DistContext,
+    all_gather_varlen,
+    all_reduce_sum,
+    clip_grad_norm_,
+    gathered_params,
+    global_max,
+    global_token_count,
+    shard_model,
 )
-from fastrlhf.config import PPOConfig, RunConfig, save_config, to_dict
-from fastrlhf.metrics import MetricsLogger, plot_metrics, truncate_after
+from fastrlhf.metrics import plot_metrics
 from fastrlhf.trainers.common import (
     data_settings,
     embedded_task,
@@ -94,9 +94,13 @@ from fastrlhf.trainers.loop import (
     _fmt,
     build_optimizer,
     build_scheduler,
+    exporter,
+    open_logger,
     pack_indices,
     peak_memory_gb,
-    resolve_device,
+    prepare_run_dir,
+    restore_or_reset,
+    stage_context,
     step_indices,
 )
 from fastrlhf.trainers.rewards import (
@@ -230,6 +234,7 @@ class PPOTrainer:
         models: RLModels | None = None,
         prompts: list | None = None,
         eval_prompts: list | None = None,
+        ctx: DistContext | None = None,
     ) -> None:
         from fastrlhf.data.formats import tokenize_prompts
         from fastrlhf.rollout import GenerationConfig, HybridMemoryManager
@@ -237,8 +242,10 @@ class PPOTrainer:
         ppo.validate()
         self.cfg, self.ppo = cfg, ppo
         self.name = ppo.kind
-        self.device = resolve_device(cfg.device)
+        self.ctx = ctx = stage_context(cfg, ctx)
+        self.device = ctx.device
         self.autocast = cfg.train.bf16 and self.device.type == "cuda"
+        _check_world_size(ppo, ctx)
         models = models or load_models(cfg, ppo, self.device)
         self.policy, self.ref, self.critic = models.policy, models.reference, models.critic
         self.reward_model, self.reward_fn = models.reward_model, models.reward_fn
@@ -257,6 +264,12 @@ class PPOTrainer:
             if not prompts:
                 raise ValueError(f"data.source={cfg.data.source!r} gave no RL prompts")
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
+        # FSDP2 for the trained models, before their optimizers exist; the frozen reference
+        # and reward model stay whole on every rank (no gradients or optimizer states to
+        # shard, and the memory manager can park them on the host)
+        shard_model(self.policy, ctx)
+        if self.critic is not None:
+            shard_model(self.critic, ctx)
         self.module = _Trained(self.policy, self.critic)
         aux = {"reference": self.ref, "reward": self.reward_model}
         aux = {k: v for k, v in aux.items() if v is not None}
@@ -313,7 +326,9 @@ class PPOTrainer:
 
     # ---- 1. generate ----------------------------------------------------------------
 
-    def _generate(self, items, generation_config, *, reuse_cache: bool = True):
+    def _generate(self, items, generation_config, *, keys=None, reuse_cache: bool = True):
+        """Rollout of ``items``; ``keys`` [B] make each sequence's samples a function of
+        its key alone (``rollout.sequence_keys``), whatever batch or rank it is in."""
         from fastrlhf.rollout import ReusableKVCache, generate, pack_prompts
 
         ids, cu = pack_prompts([torch.tensor(it.input_ids) for it in items], self.device)
@@ -321,8 +336,9 @@ class PPOTrainer:
         # released before training; otherwise a fresh allocation per rollout
         reuse = reuse_cache and self.ppo.memory_reuse
         kv = self.memory.kv_cache if reuse else ReusableKVCache()
-        with self.forward_context():
-            return generate(self.policy, ids, cu, generation_config, kv_cache=kv)
+        # a sharded policy is gathered once per rollout, not once per layer per token
+        with gathered_params(self.policy), self.forward_context():
+            return generate(self.policy, ids, cu, generation_config, kv_cache=kv, sample_keys=keys)
 
     # ---- 2. score -------------------------------------------------------------------
 
@@ -407,6 +423,7 @@ class PPOTrainer:
                 ppo.lam,
                 whiten=ppo.whiten_advantages,
                 fused=fused,
+                ctx=self.ctx,
             )
         else:
             exp.advantages = critic_free_advantages(
@@ -416,29 +433,51 @@ class PPOTrainer:
                 cu_resp,
                 token_rewards=token_rewards,
                 gamma=ppo.gamma,
+                ctx=self.ctx,
             )
 
-        reward_mean, reward_std = _mean_std(scores)
-        metrics = {
-            "reward_mean": reward_mean,
-            "reward_std": reward_std,
-            "response_length": resp_lens.float().mean(),
-            "finished_frac": rollout.finished.float().mean(),
-            "advantage_mean": exp.advantages.mean(),
-        }
+        seq_kl = None
         if k1 is not None:
             seq_kl = torch.zeros_like(scores).index_add_(0, sequence_ids(cu_resp, k1.numel()), k1)
-            metrics["kl"] = seq_kl.mean()  # nats per sequence
+        metrics = self._rollout_metrics(scores, resp_lens, rollout.finished, exp, seq_kl)
+        if k1 is not None:
             metrics["kl_coef"] = torch.as_tensor(beta, dtype=torch.float32, device=self.device)
             if ppo.adaptive_kl:  # beta must be a float for the loss: a host sync there
                 kl = metrics["kl"] if ppo.kl_placement == "reward" else float(metrics["kl"])
-                self.kl.update(kl, n_steps=scores.numel())
-        if exp.returns is not None:
-            resid = exp.returns - exp.values
-            var_ret = exp.returns.var() if exp.returns.numel() > 1 else exp.returns.new_ones(())
-            metrics["explained_variance"] = 1.0 - resid.var() / var_ret.clamp(min=1e-8)
-            metrics["returns_mean"] = exp.returns.mean()
+                self.kl.update(kl, n_steps=int(scores.numel() * self.ctx.world_size))
         return exp, metrics
+
+    def _rollout_metrics(self, scores, resp_lens, finished, exp: Experience, seq_kl) -> dict:
+        """Rollout statistics of the WHOLE step (every rank's sequences, gathered), so they
+        and the adaptive KL coefficient are the same whatever the number of processes."""
+        ctx = self.ctx
+
+        def every(t: torch.Tensor) -> torch.Tensor:
+            return all_gather_varlen(t.float(), ctx)[0]
+
+        all_scores = every(scores)  # [B_all]
+        reward_mean, reward_std = _mean_std(all_scores)
+        adv_count = torch.tensor(float(exp.advantages.numel()), device=self.device)
+        adv = all_reduce_sum(
+            torch.stack([exp.advantages.float().sum(), adv_count]),
+            ctx,
+        )
+        metrics = {
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,
+            "response_length": every(resp_lens).mean(),
+            "finished_frac": every(finished).mean(),
+            "advantage_mean": adv[0] / adv[1].clamp(min=1),
+        }
+        if seq_kl is not None:
+            metrics["kl"] = every(seq_kl).mean()  # nats per sequence
+        if exp.returns is not None:
+            returns, values = every(exp.returns), every(exp.values)  # [R_all]
+            resid = returns - values
+            var_ret = returns.var() if returns.numel() > 1 else returns.new_ones(())
+            metrics["explained_variance"] = 1.0 - resid.var() / var_ret.clamp(min=1e-8)
+            metrics["returns_mean"] = returns.mean()
+        return metrics
 
     def _values(self, exp: Experience) -> torch.Tensor:
         """Critic values at the response positions [R], float32."""
@@ -505,32 +544,44 @@ class PPOTrainer:
         return len(seqs)
 
     def update(self, exp: Experience, step: int) -> dict[str, torch.Tensor]:
-        """ppo_epochs x num_mini_batches optimizer steps on ``exp``; averaged metrics."""
-        ppo, tc = self.ppo, self.cfg.train
+        """ppo_epochs x num_mini_batches optimizer steps on ``exp``; averaged metrics.
+
+        Mini-batches are drawn over the step's GLOBAL sequence numbering (rank r holds
+        sequences [r * B, (r + 1) * B)), so every rank agrees on them and R processes take
+        the optimizer steps one process would. Each rank trains on its own members of a
+        mini-batch, weighted by their share of the mini-batch's global loss units; a rank
+        with fewer micro-batches runs zero-weight ones so that all take part in as many
+        FSDP collectives."""
+        ppo, tc, ctx = self.ppo, self.cfg.train, self.ctx
         lengths = exp.seq_lens()
+        B = exp.num_seqs
+        offset = ctx.rank * B  # global number of this rank's first sequence
         sums: dict[str, torch.Tensor] = {}
         updates = 0
         stopped = False
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         max_norm = self.cfg.optim.max_grad_norm or math.inf
         for _epoch in range(ppo.ppo_epochs):
-            order = torch.randperm(exp.num_seqs, generator=g).tolist()
-            for mini in (order[i :: ppo.num_mini_batches] for i in range(ppo.num_mini_batches)):
-                total = self._units(exp, mini)
+            order = torch.randperm(B * ctx.world_size, generator=g).tolist()
+            for i in range(ppo.num_mini_batches):
+                mine = [j - offset for j in order[i :: ppo.num_mini_batches] if 0 <= j - offset < B]
+                total = global_token_count(self._units(exp, mine), ctx)
+                groups = pack_indices(mine, lengths, tc.micro_batch_tokens)
+                padding = global_max(len(groups), ctx) - len(groups)
                 mb_sums: dict[str, torch.Tensor] = {}
-                for group in pack_indices(mini, lengths, tc.micro_batch_tokens):
-                    sub = exp.select(group)
-                    w = self._units(exp, group) / total
+                for k, group in enumerate(groups + [[0]] * padding):
+                    w = self._units(exp, group) / total if k < len(groups) else 0.0
                     with self.forward_context():
-                        pg, vl, metrics = self.micro_losses(sub)
+                        pg, vl, metrics = self.micro_losses(exp.select(group))
                     (w * (pg + ppo.vf_coef * vl)).backward()
-                    for k, v in metrics.items():
-                        mb_sums[k] = mb_sums.get(k, 0.0) + w * v.float()
-                mb_sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    for name, v in metrics.items():
+                        mb_sums[name] = mb_sums.get(name, 0.0) + w * v.float()
+                mb_sums = self._all_ranks(mb_sums)
+                mb_sums["grad_norm"] = clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], max_norm
                 ).float()
                 if self.critic is not None:
-                    mb_sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    mb_sums["value/grad_norm"] = clip_grad_norm_(
                         self.critic.parameters(), max_norm
                     ).float()
                 self.memory.prepare_optimizer_step()
@@ -538,8 +589,9 @@ class PPOTrainer:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 updates += 1
-                for k, v in mb_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v.to(self.device)
+                for name, v in mb_sums.items():
+                    sums[name] = sums.get(name, 0.0) + v.to(self.device)
+                # the KL is global, so every rank stops at the same mini-batch
                 if ppo.target_kl > 0 and float(mb_sums["approx_kl"]) > ppo.target_kl:
                     stopped = True  # the host sync of the check, only when it is enabled
                     break
@@ -550,20 +602,44 @@ class PPOTrainer:
         out["early_stop"] = torch.tensor(float(stopped), device=self.device)
         return out
 
+    def _all_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-rank metric sums -> their totals over the ranks (one all-reduce)."""
+        if not self.ctx.distributed or not sums:
+            return sums
+        names = list(sums)
+        local = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names])
+        return dict(zip(names, all_reduce_sum(local, self.ctx).unbind()))
+
     # ---- one iteration --------------------------------------------------------------
+
+    def rank_prompts(self, step: int) -> tuple[list[int], int]:
+        """(this rank's prompt indices of iteration ``step``, the step-wide number of its
+        first prompt). The step's prompts are split into equal contiguous blocks, one per
+        rank, so the samples of a prompt (a GRPO group) never straddle two ranks."""
+        ppo, ctx = self.ppo, self.ctx
+        idx = step_indices(step - 1, ppo.rollout_batch_size, len(self.prompts), self.cfg.seed)
+        per_rank = len(idx) // ctx.world_size
+        first = ctx.rank * per_rank
+        return idx[first : first + per_rank], first
 
     def iteration(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """generate -> score -> train for iteration ``step`` (1-based).
 
         Returns (metrics as device tensors, host-side timings / memory per phase)."""
+        from fastrlhf.rollout.sampling import sequence_keys
+
         ppo = self.ppo
-        idx = step_indices(step - 1, ppo.rollout_batch_size, len(self.prompts), self.cfg.seed)
+        idx, first = self.rank_prompts(step)
         items = [self.prompts[i] for i in idx for _ in range(ppo.n_samples)]
         group_ids = torch.arange(len(idx)).repeat_interleave(ppo.n_samples)  # [B]
+        # sequence j of the step's whole rollout samples with the key (seed, step, j): the
+        # same tokens whichever rank, and whichever batch, generates it
+        global_ids = first * ppo.n_samples + torch.arange(len(items))
+        keys = sequence_keys(self.cfg.seed, step, global_ids).to(self.device)  # [B]
         host: dict[str, float] = {}
         t0 = time.perf_counter()
         self.memory.generate()
-        rollout = self._generate(items, self.gen_config)
+        rollout = self._generate(items, self.gen_config, keys=keys)
         t1 = time.perf_counter()
         self._phase_memory(host, "generate")
         self.memory.score()
@@ -621,37 +697,57 @@ class PPOTrainer:
 
     def save_model(self, path: Path) -> None:
         """The policy in HF format at ``path`` (the next stage loads it), the critic under
-        ``path/critic``."""
+        ``path/critic``. One process; ``export`` covers sharded models too."""
         self.policy.save_pretrained(path)
         if self.critic is not None:
             self.critic.save_pretrained(Path(path) / "critic")
 
+    @property
+    def export(self):
+        """``export(dir)``: ``save_model``, or with several processes the consolidated
+        policy (and critic) written by rank 0; every rank calls it."""
+        models = {"": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        return exporter(models, self.save_model, self.ctx)
+
     def trainer_state(self, step: int) -> dict:
         state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
             "kl_controller": self.kl.state_dict(),
             "data_position": {"prompts_seen": step * self.ppo.rollout_batch_size},
             "stage": self.name,
         }
-        if self.critic_optimizer is not None:
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        if self.critic_scheduler is not None:
             state["critic_scheduler"] = self.critic_scheduler.state_dict()
         return state
 
-    def load(self, ckpt: Path) -> int:
-        state = load_trainer_state(ckpt)
-        load_weights(self.module, ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_trainer_state(self, state: dict) -> int:
+        """Restore what ``trainer_state`` saved (the weights, optimizer and RNG states come
+        back through ``fastrlhf.checkpoint.load_checkpoint``); returns the step."""
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.critic_scheduler is not None:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl.load_state_dict(state["kl_controller"])
-        set_rng_state(state["rng"])
         return int(state["step"])
+
+
+def _check_world_size(ppo: PPOConfig, ctx: DistContext) -> None:
+    """Data parallelism splits a step's prompts evenly over the ranks, and FSDP shards the
+    optimizer states (DTensors) that the memory manager does not move to the host."""
+    if not ctx.distributed:
+        return
+    if ppo.rollout_batch_size % ctx.world_size:
+        raise ValueError(
+            f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of the "
+            f"{ctx.world_size} processes (each rank generates an equal share of the prompts)"
+        )
+    if ppo.offload_optimizer:
+        raise ValueError(
+            "ppo.offload_optimizer is not supported with several processes: FSDP already "
+            "shards the optimizer states over the ranks; set it to false"
+        )
 
 
 def _check_same_vocab(policy_tok, reward_tok, where: str) -> None:
@@ -669,37 +765,27 @@ def _check_same_vocab(policy_tok, reward_tok, where: str) -> None:
 # the stage loop
 
 
-def run_ppo(cfg: RunConfig, ppo: PPOConfig, *, resume: bool = False) -> TrainResult:
+def run_ppo(
+    cfg: RunConfig, ppo: PPOConfig, *, resume: bool = False, ctx: DistContext | None = None
+) -> TrainResult:
     """Train for ``cfg.train.max_steps`` RL iterations in ``cfg.run_dir``.
 
     Checkpoints (``checkpoint.save_every`` iterations, and the last) hold the policy, the
-    critic, both optimizers and schedulers, the RNG state and the KL controller, so
-    ``resume=True`` continues from the latest one exactly.
+    critic, both optimizers and schedulers, the RNG states and the KL controller, so
+    ``resume=True`` continues from the latest one exactly (with any number of processes).
     """
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    trainer = PPOTrainer(cfg, ppo)
-    ckpt_root = run_dir / "checkpoints"
-    start = 0
-    latest = latest_checkpoint(ckpt_root) if resume else None
-    if latest is not None:
-        start = trainer.load(latest)
-        truncate_after(run_dir / "metrics.jsonl", start)
-        print(f"[{trainer.name}] resumed from {latest} (step {start})")
-    elif not resume:
-        for old in checkpoint_dirs(ckpt_root):  # a fresh run owns its run dir
-            shutil.rmtree(old)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-    logger = MetricsLogger(
-        run_dir,
-        tensorboard=cfg.logging.tensorboard,
-        wandb=cfg.logging.wandb,
-        wandb_project=cfg.logging.wandb_project,
-        run_name=f"{trainer.name}:{run_dir.name}",
-        config=to_dict(cfg),
+    ctx = stage_context(cfg, ctx)
+    run_dir = prepare_run_dir(cfg, ctx)
+    trainer = PPOTrainer(cfg, ppo, ctx=ctx)
+    start, state = restore_or_reset(
+        trainer.name, trainer.module, trainer.optimizers, run_dir, resume, cfg.seed, ctx
     )
+    if start:
+        trainer.load_trainer_state(state)
+    elif ctx.rank > 0:
+        seed_rank(cfg.seed, ctx.rank)  # same model init everywhere, own random streams
+    export = trainer.export
+    logger = open_logger(cfg, run_dir, trainer.name, ctx)
     from tqdm.auto import tqdm
 
     tc = cfg.train
@@ -707,16 +793,21 @@ def run_ppo(cfg: RunConfig, ppo: PPOConfig, *, resume: bool = False) -> TrainRes
         total=tc.max_steps,
         initial=start,
         desc=trainer.name,
-        disable=not tc.progress_bar,
+        disable=not (tc.progress_bar and ctx.is_main),
         dynamic_ncols=True,
     )
+
+    def log_eval(step: int, metrics: dict[str, float]) -> None:
+        logger.log(step, "eval", metrics)
+        if ctx.is_main:
+            bar.write(f"[{trainer.name}] step {step} eval " + _fmt(metrics))
+
     window: list[tuple[dict[str, torch.Tensor], dict[str, float]]] = []
     eval_metrics: dict[str, float] = {}
     try:
         if start == 0 and tc.eval_every:  # the starting point, to compare every later eval with
             eval_metrics = trainer.evaluate()
-            logger.log(0, "eval", eval_metrics)
-            bar.write(f"[{trainer.name}] step 0 eval " + _fmt(eval_metrics))
+            log_eval(0, eval_metrics)
         for step in range(start + 1, tc.max_steps + 1):
             window.append(trainer.iteration(step))
             bar.update(1)
@@ -728,17 +819,18 @@ def run_ppo(cfg: RunConfig, ppo: PPOConfig, *, resume: bool = False) -> TrainRes
                 window = []
             if (tc.eval_every and step % tc.eval_every == 0) or last:
                 eval_metrics = trainer.evaluate()
-                logger.log(step, "eval", eval_metrics)
-                bar.write(f"[{trainer.name}] step {step} eval " + _fmt(eval_metrics))
+                log_eval(step, eval_metrics)
             every = cfg.checkpoint.save_every
             if (every and step % every == 0) or last:
                 save_checkpoint(
-                    ckpt_root,
+                    run_dir / "checkpoints",
                     step,
                     trainer.module,
-                    trainer.save_model,
+                    trainer.optimizers,
                     trainer.trainer_state(step),
-                    cfg.checkpoint.keep_last,
+                    export=export,
+                    keep_last=cfg.checkpoint.keep_last,
+                    ctx=ctx,
                 )
         if trainer.memory.phase.value != "idle":
             trainer.memory.finish()
@@ -749,17 +841,17 @@ def run_ppo(cfg: RunConfig, ppo: PPOConfig, *, resume: bool = False) -> TrainRes
         eval_metrics = trainer.evaluate()
     final_dir = None
     if cfg.checkpoint.save_final:
-        final_dir = atomic_write_dir(run_dir / "final", trainer.save_model)
-    if cfg.logging.plots:
+        final_dir = save_model_dir(run_dir / "final", export, ctx)
+    if cfg.logging.plots and ctx.is_main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots", title=trainer.name)
     return TrainResult(steps=tc.max_steps, final_dir=final_dir, eval_metrics=eval_metrics)
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+def run(cfg: RunConfig, *, resume: bool = False, ctx: DistContext | None = None) -> TrainResult:
     """Entry point of ``fastrlhf.trainers.run_stage``: the ``ppo`` section of ``cfg``
     (defaults when the config has none), with ``kind`` taken from the stage name for
     ``stage: grpo`` unless the section names a critic-free kind itself."""
-    return run_ppo(cfg, cfg.ppo, resume=resume)
+    return run_ppo(cfg, cfg.ppo, resume=resume, ctx=ctx)
 
 
 def _window_row(window, step: int, name: str, device: torch.device) -> dict[str, float]:

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrlhf.distributed import DistContext
+
 RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 
 
@@ -274,14 +276,17 @@ def gae_advantages(
     *,
     whiten: bool = True,
     fused: bool = True,
+    ctx: DistContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages [R], returns [R]) by GAE over each sequence's response tokens.
 
     fused: the ``fastrlhf::packed_gae`` op; else the padded reverse loop over time steps.
-    Whitening (one global mean / std) applies to the advantages only, after the returns
-    are taken (the critic regresses on unwhitened returns).
+    Whitening (one mean / std over the whole rollout: every rank's tokens when ``ctx`` is
+    distributed) applies to the advantages only, after the returns are taken (the critic
+    regresses on unwhitened returns).
     """
-    from fastrlhf.ops.advantages import masked_whiten, packed_gae
+    from fastrlhf.distributed import global_masked_whiten
+    from fastrlhf.ops.advantages import packed_gae
 
     if fused:
         adv, ret = packed_gae(rewards, values, cu_resp, gamma=gamma, lam=lam)
@@ -297,7 +302,7 @@ def gae_advantages(
         pos = torch.arange(rewards.numel(), device=rewards.device) - cu_resp.long()[seq]
         adv = adv_p[seq, pos]  # [R]
         ret = adv + values.float()
-    return (masked_whiten(adv) if whiten else adv), ret
+    return (global_masked_whiten(adv, None, ctx or DistContext()) if whiten else adv), ret
 
 
 def critic_free_advantages(
@@ -308,12 +313,28 @@ def critic_free_advantages(
     *,
     token_rewards: torch.Tensor | None = None,  # [R], e.g. -beta * k1
     gamma: float = 1.0,
+    ctx: DistContext | None = None,
 ) -> torch.Tensor:
     """Per-token advantages [R] of GRPO / Dr. GRPO / RLOO (one value per sequence,
     broadcast to its tokens; a per-token KL penalty is summed into the sequence score)
-    or REINFORCE++ (discounted per-token returns, whitened)."""
+    or REINFORCE++ (discounted per-token returns, whitened).
+
+    With several processes each rank holds whole groups (the trainer splits a step's
+    prompts, never a prompt's samples), so group baselines stay local; REINFORCE++'s
+    whitening is over every rank's tokens."""
     from fastrlhf.ops.advantages import group_advantages
 
+    if kind == "reinforce++" and ctx is not None and ctx.distributed:
+        from fastrlhf.distributed import global_masked_whiten
+        from fastrlhf.ops.advantages import packed_gae
+
+        rewards = torch.zeros(int(cu_resp[-1]), device=scores.device)  # [R]
+        if token_rewards is not None:
+            rewards += token_rewards.float()
+        rewards.index_add_(0, cu_resp[1:].long() - 1, scores.float())  # score on the last
+        # with zero values and lam = 1, GAE is the discounted return sum_k gamma^k r_{t+k}
+        returns, _ = packed_gae(rewards, torch.zeros_like(rewards), cu_resp, gamma=gamma, lam=1.0)
+        return global_masked_whiten(returns, None, ctx)
     if kind == "reinforce++":
         return group_advantages(
             scores, kind=kind, cu_seqlens=cu_resp, gamma=gamma, token_rewards=token_rewards

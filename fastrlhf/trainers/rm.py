@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_pairs
+from fastrlhf.distributed import DistContext
 from fastrlhf.trainers.common import data_settings, model_path, stage_records, weights_dtype
 from fastrlhf.trainers.loop import (
     MicroBatch,
@@ -33,7 +34,7 @@ from fastrlhf.trainers.loop import (
     TrainResult,
     pack_indices,
     progress,
-    resolve_device,
+    stage_context,
     train,
 )
 
@@ -84,12 +85,13 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) 
 class RMStage(Stage):
     name = "rm"
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, ctx: DistContext | None = None) -> None:
         from fastrlhf.data.formats import tokenize_preferences
         from fastrlhf.models import load_value_model
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.ctx = stage_context(cfg, ctx)
+        self.device = self.ctx.device
         self.autocast = cfg.train.bf16
         if cfg.model.lora_rank:
             raise ValueError("model.lora_rank: LoRA reward models are not supported; set it to 0")
@@ -172,5 +174,5 @@ class RMStage(Stage):
         self.model.save_pretrained(path)
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
-    return train(RMStage(cfg), cfg, resume=resume)
+def run(cfg: RunConfig, *, resume: bool = False, ctx: DistContext | None = None) -> TrainResult:
+    return train(RMStage(cfg, ctx), cfg, resume=resume)

@@ -21,6 +21,7 @@ import torch
 
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_packed
+from fastrlhf.distributed import DistContext
 from fastrlhf.trainers.common import (
     data_settings,
     load_policy_for,
@@ -36,7 +37,7 @@ from fastrlhf.trainers.loop import (
     TrainResult,
     pack_indices,
     progress,
-    resolve_device,
+    stage_context,
     train,
 )
 
@@ -44,11 +45,12 @@ from fastrlhf.trainers.loop import (
 class SFTStage(Stage):
     name = "sft"
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, ctx: DistContext | None = None) -> None:
         from fastrlhf.data.formats import tokenize_sft
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.ctx = stage_context(cfg, ctx)
+        self.device = self.ctx.device
         self.autocast = cfg.train.bf16
         path = model_path(cfg.model, cfg.run_dir)
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
@@ -101,5 +103,5 @@ class SFTStage(Stage):
         self.policy.save_pretrained(path)
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
-    return train(SFTStage(cfg), cfg, resume=resume)
+def run(cfg: RunConfig, *, resume: bool = False, ctx: DistContext | None = None) -> TrainResult:
+    return train(SFTStage(cfg, ctx), cfg, resume=resume)
