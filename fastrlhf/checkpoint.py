@@ -86,11 +86,12 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
-def save_model_dir(
-    final: str | Path, export: Callable[[Path], None], ctx: DistContext | None = None
+def atomic_write_dir_all_ranks(
+    final: str | Path, write: Callable[[Path], None], ctx: DistContext | None = None
 ) -> Path:
-    """``export(tmp)`` run by every rank (it may be a collective: gathering a sharded
-    model), then ``tmp`` published as ``final`` by rank 0 with one rename."""
+    """``atomic_write_dir`` for a write that every rank takes part in (its own shards, or
+    a collective such as gathering a sharded model): rank 0 (re)creates ``tmp``, every
+    rank runs ``write(tmp)``, rank 0 publishes ``tmp`` as ``final`` with one rename."""
     from fastrlhf.distributed import barrier
 
     ctx = ctx or _single()
@@ -101,12 +102,12 @@ def save_model_dir(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    barrier(ctx)
-    export(tmp)
-    barrier(ctx)
+    barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
+    write(tmp)
+    barrier(ctx)  # every rank's files are written before rank 0 publishes
     if ctx.is_main:
         publish_dir(tmp, final)
-    barrier(ctx)
+    barrier(ctx)  # nobody reads the new directory before the rename
     return final
 
 
@@ -183,30 +184,27 @@ def save_checkpoint(
     Every rank calls it. ``export(dir)`` writes the model in HF format into ``dir`` (a
     collective too when the model is sharded); ``trainer_state`` (rank 0's: step,
     schedulers, data position...) must hold only tensors, numbers and strings."""
-    from fastrlhf.distributed import barrier
     from fastrlhf.distributed.checkpoint import write_sharded
 
     ctx = ctx or _single()
     root = Path(root)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}"
     if ctx.is_main:
         # a crash may have left a half-written .tmp-* or, mid-publish, an .old-* directory
         for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")] if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
-    write_sharded(tmp / "dcp", module, optimizers, ctx)
-    export(tmp / "model")
-    torch.save(rng_state(), _rng_file(tmp, ctx.rank))
-    if ctx.is_main:
-        torch.save({**trainer_state, "world_size": ctx.world_size}, tmp / "trainer_state.pt")
-    barrier(ctx)  # every rank's files are written before rank 0 publishes
-    if ctx.is_main:
-        publish_dir(tmp, final)
+
+    def write(tmp: Path) -> None:
+        write_sharded(tmp / "dcp", module, optimizers, ctx)
+        export(tmp / "model")
+        _rng_file(tmp, ctx.rank).parent.mkdir(exist_ok=True)  # every rank, race-free
+        torch.save(rng_state(), _rng_file(tmp, ctx.rank))
+        if ctx.is_main:
+            torch.save({**trainer_state, "world_size": ctx.world_size}, tmp / "trainer_state.pt")
+
+    final = atomic_write_dir_all_ranks(root / f"step_{step:08d}", write, ctx)
+    if ctx.is_main:  # after the publish: the other ranks never read old checkpoints
         for old in checkpoint_dirs(root)[:-keep_last]:
             shutil.rmtree(old)
-    barrier(ctx)  # nobody reads or prunes checkpoints before the rename
     return final
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from fastrlhf.checkpoint import publish_dir
+from fastrlhf.checkpoint import atomic_write_dir_all_ranks
 from fastrlhf.distributed.context import DistContext, barrier
 
 DCP_DIR = "dcp"
@@ -130,22 +129,13 @@ def save_sharded(
     """Write model (+ optimizer) shards and ``extra_state`` atomically to ``path``.
 
     Every rank must call it (DCP save is a collective). Returns ``path``."""
-    final = Path(path)
-    tmp = final.parent / f".tmp-{final.name}"
-    if ctx.is_main:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier(ctx)  # the others write into tmp only once rank 0 has (re)created it
-    write_sharded(tmp / DCP_DIR, model, optimizer, ctx)
-    if ctx.is_main and extra_state is not None:
-        torch.save(extra_state, tmp / EXTRA_FILE)
-    barrier(ctx)  # every rank's files are written before rank 0 publishes
-    if ctx.is_main:
-        publish_dir(tmp, final)
-    barrier(ctx)  # nobody reads or prunes checkpoints before the rename
-    return final
+
+    def write(tmp: Path) -> None:
+        write_sharded(tmp / DCP_DIR, model, optimizer, ctx)
+        if ctx.is_main and extra_state is not None:
+            torch.save(extra_state, tmp / EXTRA_FILE)
+
+    return atomic_write_dir_all_ranks(path, write, ctx)
 
 
 def load_sharded(

@@ -62,6 +62,11 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or a launcher like it) set this process's RANK and WORLD_SIZE."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Join the torchrun process group (or return the single-process context).
 
@@ -74,7 +79,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device='cuda' but CUDA is not available on this machine")
-    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
+    launched = launched_by_torchrun()
     if not launched and not dist.is_initialized():
         return DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
     if launched:

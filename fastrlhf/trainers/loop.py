@@ -45,11 +45,11 @@ from typing import Any
 import torch
 
 from fastrlhf.checkpoint import (
+    atomic_write_dir_all_ranks,
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    save_model_dir,
     seed_rank,
 )
 from fastrlhf.config import OptimConfig, RunConfig, save_config, to_dict
@@ -285,16 +285,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def launched_by_torchrun() -> bool:
-    import os
-
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def run_context(device: str) -> DistContext:
     """The process context of a run: under torchrun (or in an initialised process group)
     join it, one GPU per process; otherwise one process on ``device``."""
     import torch.distributed as dist
+
+    from fastrlhf.distributed.context import launched_by_torchrun
 
     if not (launched_by_torchrun() or dist.is_initialized()):
         return DistContext(device=resolve_device(device))
@@ -398,8 +394,10 @@ def restore_or_reset(
     seed: int,
     ctx: DistContext,
 ) -> tuple[int, dict]:
-    """Load the latest checkpoint when resuming: (its step, its trainer state). Else clear
-    the run dir's old checkpoints and metrics: (0, {})."""
+    """Load the latest checkpoint when resuming: (its step, its trainer state; every
+    rank's RNG restored). Else clear the run dir's old checkpoints and metrics and give
+    ranks > 0 their own random streams (the model init, done before, is the same on all
+    ranks): (0, {})."""
     ckpt_root = run_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
@@ -421,6 +419,8 @@ def restore_or_reset(
             shutil.rmtree(path)
     if ctx.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        seed_rank(seed, ctx.rank)
     barrier(ctx)
     return 0, {}
 
@@ -515,8 +515,6 @@ def train(stage: Stage, cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     )
     if start:
         scheduler.load_state_dict(state["scheduler"])
-    elif ctx.rank > 0:
-        seed_rank(cfg.seed, ctx.rank)  # same model init everywhere, own random streams
     export = exporter({"": stage.module}, stage.save_model, ctx)
 
     logger = open_logger(cfg, run_dir, stage.name, ctx)
@@ -573,7 +571,7 @@ def train(stage: Stage, cfg: RunConfig, *, resume: bool = False) -> TrainResult:
         eval_metrics = run_eval(stage)
     final_dir = None
     if cfg.checkpoint.save_final:
-        final_dir = save_model_dir(run_dir / "final", export, ctx)
+        final_dir = atomic_write_dir_all_ranks(run_dir / "final", export, ctx)
     if cfg.logging.plots and ctx.is_main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots", title=stage.name)
     return TrainResult(steps=tc.max_steps, final_dir=final_dir, eval_metrics=eval_metrics)

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.checkpoint import save_checkpoint, save_model_dir, seed_rank
+from fastrlhf.checkpoint import atomic_write_dir_all_ranks, save_checkpoint
 from fastrlhf.config import PPOConfig, RunConfig
 from fastrlhf.distributed import (
     DistContext,
@@ -782,8 +782,6 @@ def run_ppo(
     )
     if start:
         trainer.load_trainer_state(state)
-    elif ctx.rank > 0:
-        seed_rank(cfg.seed, ctx.rank)  # same model init everywhere, own random streams
     export = trainer.export
     logger = open_logger(cfg, run_dir, trainer.name, ctx)
     from tqdm.auto import tqdm
@@ -841,7 +839,7 @@ def run_ppo(
         eval_metrics = trainer.evaluate()
     final_dir = None
     if cfg.checkpoint.save_final:
-        final_dir = save_model_dir(run_dir / "final", export, ctx)
+        final_dir = atomic_write_dir_all_ranks(run_dir / "final", export, ctx)
     if cfg.logging.plots and ctx.is_main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots", title=trainer.name)
     return TrainResult(steps=tc.max_steps, final_dir=final_dir, eval_metrics=eval_metrics)

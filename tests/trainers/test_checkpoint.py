@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from fastrlhf.checkpoint import (
     atomic_write_dir,
+    atomic_write_dir_all_ranks,
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
     rng_state,
     save_checkpoint,
-    save_model_dir,
     set_rng_state,
 )
 from fastrlhf.distributed import DistContext
@@ -286,11 +286,11 @@ def test_export_failure_leaves_previous_checkpoint_intact(tmp_path):
     _assert_same_module(a, b)
 
 
-def test_save_model_dir_publishes_atomically(tmp_path):
+def test_atomic_write_dir_all_ranks_publishes_atomically(tmp_path):
     final = tmp_path / "out" / "final"
     write = lambda name: lambda d: (d / name).write_text(name)
-    assert save_model_dir(final, write("a"), ctx=DistContext()) == final
-    save_model_dir(final, write("b"))
+    assert atomic_write_dir_all_ranks(final, write("a"), ctx=DistContext()) == final
+    atomic_write_dir_all_ranks(final, write("b"))
     assert sorted(p.name for p in final.iterdir()) == ["b"]  # replaced, not merged
 
     def fails(d: Path) -> None:
@@ -298,11 +298,11 @@ def test_save_model_dir_publishes_atomically(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_model_dir(final, fails)
+        atomic_write_dir_all_ranks(final, fails)
     assert sorted(p.name for p in final.iterdir()) == ["b"]
     assert (final / "b").read_text() == "b"
     assert sorted(p.name for p in final.parent.iterdir()) == [".tmp-final", "final"]
-    save_model_dir(final, write("d"))
+    atomic_write_dir_all_ranks(final, write("d"))
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
     assert sorted(p.name for p in final.iterdir()) == ["d"]
 
