@@ -300,6 +300,7 @@ def group_advantages(
     mask: torch.Tensor | None = None,
     gamma: float = 1.0,
     token_rewards: torch.Tensor | None = None,
+    whiten: bool = True,
 ) -> torch.Tensor:
     """Critic-free advantages from per-sequence scores [B] and group ids [B].
 
@@ -311,8 +312,9 @@ def group_advantages(
       "reinforce++" no groups: the score is the reward of the last unmasked token of
                     its sequence (plus ``token_rewards`` [N], e.g. a KL penalty, if
                     given); per-token discounted returns (gamma) over the packed
-                    sequences; then masked_whiten over all kept tokens. Needs
-                    ``cu_seqlens``.
+                    sequences; then masked_whiten over all kept tokens (unless
+                    ``whiten=False``: the returns, e.g. for a caller that whitens
+                    over several processes' tokens). Needs ``cu_seqlens``.
     A one-member group has no baseline: its advantage is 0 (GRPO, RLOO). Group ids
     are any integers (made dense with torch.unique, one host sync on CUDA).
 
@@ -333,7 +335,7 @@ def group_advantages(
     if kind == "reinforce++":
         if cu_seqlens is None:
             raise ValueError("group_advantages: kind='reinforce++' needs cu_seqlens")
-        return _reinforce_pp(s, cu_seqlens, mask, gamma, token_rewards).float()
+        return _reinforce_pp(s, cu_seqlens, mask, gamma, token_rewards, whiten).float()
 
     if group_ids is None or group_ids.dtype.is_floating_point or group_ids.shape != s.shape:
         got = describe(group_ids) if isinstance(group_ids, torch.Tensor) else group_ids
@@ -364,7 +366,7 @@ def group_advantages(
     return per_token if mask is None else torch.where(mask.bool(), per_token, 0.0)
 
 
-def _reinforce_pp(s, cu_seqlens, mask, gamma, token_rewards):
+def _reinforce_pp(s, cu_seqlens, mask, gamma, token_rewards, whiten):
     """REINFORCE++ token advantages [N]: discounted returns, globally whitened."""
     if mask is not None:
         total_tokens = mask.numel()
@@ -387,4 +389,4 @@ def _reinforce_pp(s, cu_seqlens, mask, gamma, token_rewards):
     returns, _ = packed_gae(
         rewards, torch.zeros_like(rewards), cu_seqlens, gamma=gamma, lam=1.0, mask=keep
     )
-    return torch.where(keep, masked_whiten(returns, keep), 0.0)
+    return torch.where(keep, masked_whiten(returns, keep) if whiten else returns, 0.0)

@@ -324,21 +324,22 @@ def critic_free_advantages(
     whitening is over every rank's tokens."""
     from fastrlhf.ops.advantages import group_advantages
 
-    if kind == "reinforce++" and ctx is not None and ctx.distributed:
-        from fastrlhf.distributed import global_masked_whiten
-        from fastrlhf.ops.advantages import packed_gae
-
-        rewards = torch.zeros(int(cu_resp[-1]), device=scores.device)  # [R]
-        if token_rewards is not None:
-            rewards += token_rewards.float()
-        rewards.index_add_(0, cu_resp[1:].long() - 1, scores.float())  # score on the last
-        # with zero values and lam = 1, GAE is the discounted return sum_k gamma^k r_{t+k}
-        returns, _ = packed_gae(rewards, torch.zeros_like(rewards), cu_resp, gamma=gamma, lam=1.0)
-        return global_masked_whiten(returns, None, ctx)
     if kind == "reinforce++":
-        return group_advantages(
-            scores, kind=kind, cu_seqlens=cu_resp, gamma=gamma, token_rewards=token_rewards
+        # several processes: the returns here, whitened over every rank's tokens
+        distributed = ctx is not None and ctx.distributed
+        adv = group_advantages(
+            scores,
+            kind=kind,
+            cu_seqlens=cu_resp,
+            gamma=gamma,
+            token_rewards=token_rewards,
+            whiten=not distributed,
         )
+        if distributed:
+            from fastrlhf.distributed import global_masked_whiten
+
+            adv = global_masked_whiten(adv, None, ctx)
+        return adv
     if token_rewards is not None:
         seq_sums = torch.zeros_like(scores).index_add_(
             0, sequence_ids(cu_resp, token_rewards.numel()), token_rewards.to(scores.dtype)

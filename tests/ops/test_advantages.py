@@ -167,6 +167,11 @@ def test_reinforce_pp_discounted_return_by_hand():
     got = group_advantages(torch.tensor([2.0, 0.0]), kind="reinforce++", cu_seqlens=cu, gamma=0.5)
     ret = torch.tensor([0.5, 1.0, 2.0, 0.0], dtype=torch.float64)
     assert_close(got, masked_whiten_reference(ret), atol=1e-6)
+    # whiten=False: the returns themselves (a multi-process trainer whitens them globally)
+    raw = group_advantages(
+        torch.tensor([2.0, 0.0]), kind="reinforce++", cu_seqlens=cu, gamma=0.5, whiten=False
+    )
+    assert_close(raw, ret, atol=1e-6)
 
 
 def test_group_advantages_errors():
