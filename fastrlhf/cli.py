@@ -8,6 +8,7 @@ key (and file:line) and exit with status 2; a non-finite loss exits with status 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"fastrlhf: {e}", file=sys.stderr)
         return 1
-    if result.final_dir is not None:
+    if result.final_dir is not None and os.environ.get("RANK", "0") == "0":  # torchrun: once
         print(f"[{cfg.stage}] final model: {result.final_dir}")
     return 0
 
