@@ -70,12 +70,16 @@ def extensions():
     ]
 
 
-packages = find_packages(include=["fastrlhf", "fastrlhf.*"]) + ["fastrlhf.kernels"]
+# kernels/ and examples/ live at the top of the tree (the layout of the design card) but
+# install inside the package: ``fastrlhf.kernels``, and ``fastrlhf.examples`` so that
+# ``fastrlhf demo`` finds its config in an installed wheel, not only in a checkout.
+packages = find_packages(include=["fastrlhf", "fastrlhf.*"])
+packages += ["fastrlhf.kernels", "fastrlhf.examples"]
 
 setup(
     packages=packages,
-    package_dir={"fastrlhf.kernels": "kernels"},
-    package_data={"fastrlhf": ["data/assets/**/*"]},
+    package_dir={"fastrlhf.kernels": "kernels", "fastrlhf.examples": "examples"},
+    package_data={"fastrlhf": ["data/assets/**/*"], "fastrlhf.examples": ["*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from fastrlhf.config import ConfigError, load_config
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
@@ -26,10 +25,18 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", "-c", help="YAML file (see examples/)")
         s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         s.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    d = sub.add_parser("demo", help="SFT -> reward model -> DPO on the embedded task")
-    d.add_argument("--config", "-c", default=str(EXAMPLES_DIR / "demo.yaml"))
+    d = sub.add_parser("demo", help="SFT -> reward model -> PPO, DPO and GRPO on the embedded task")
+    d.add_argument("--config", "-c", help="demo YAML file (default: examples/demo.yaml)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
+
+
+def default_demo_config() -> Path:
+    """examples/demo.yaml, which setup.py installs as ``fastrlhf.examples`` (so an installed
+    wheel has it too; the editable install maps it to the checkout's file)."""
+    from importlib.resources import files
+
+    return Path(str(files("fastrlhf.examples") / "demo.yaml"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from fastrlhf.demo import run_demo
 
-            run_demo(args.config, args.overrides)
+            run_demo(args.config or default_demo_config(), args.overrides)
             return 0
         cfg = load_config(args.config, args.overrides)
         if cfg.stage != args.command:

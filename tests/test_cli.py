@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrlhf.cli import main
+from fastrlhf.cli import default_demo_config, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,14 @@ def test_missing_config_file(tmp_path, capsys):
 def test_demo_config_errors(capsys):
     assert main(["demo", "sft.optim.lr=-1"]) == 2
     assert "demo stage 'sft': optim.lr=-1.0 must be > 0" in capsys.readouterr().err
+
+
+def test_demo_config_is_installed_with_the_package():
+    # `fastrlhf demo` without --config reads the packaged copy of examples/demo.yaml; in this
+    # editable install that is the checkout's file itself
+    path = default_demo_config()
+    assert path.is_file(), path
+    assert path.resolve() == (REPO / "examples" / "demo.yaml").resolve()
 
 
 def test_usage_errors_exit_2():
