@@ -382,7 +382,7 @@ def test_fastrlhf_cli_runs_ppo(tmp_path, tiny_model_dir, reward_model_dir):
         f"model.name_or_path={tiny_model_dir}", f"ppo.reward_model={reward_model_dir}",
         "train.max_steps=1", "train.progress_bar=false", "logging.plots=false",
         "data.num_train=16", "data.num_eval=4", "ppo.rollout_batch_size=2",
-        "ppo.max_new_tokens=3", "ppo.eval_max_new_tokens=3",
+        "ppo.num_mini_batches=2", "ppo.max_new_tokens=3", "ppo.eval_max_new_tokens=3",
     ])  # fmt: skip
     assert rc == 0
     assert (tmp_path / "ppo" / "final" / "critic" / "value_head.json").is_file()
