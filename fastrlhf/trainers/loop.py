@@ -65,6 +65,7 @@ from fastrlhf.distributed import (
     shard_model,
 )
 from fastrlhf.metrics import MetricsLogger, plot_metrics, truncate_after
+from fastrlhf.trainers.numerics import check_finite
 
 
 @dataclass
@@ -462,22 +463,12 @@ def _train_step(stage: Stage, groups: list[list[int]], optimizer, scheduler, par
         [all_reduce_sum(local, ctx), grad_norm.to(stage.device).float().reshape(1)]
     ).tolist()
     loss, num_tokens, norm = values[0], values[1], values[-1]
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"[{stage.name}] non-finite loss ({loss}) at step {step}; the optimizer step "
-            "was not applied (try a lower optim.lr)"
-        )
-    if not math.isfinite(norm):
-        raise FloatingPointError(
-            f"[{stage.name}] non-finite gradient norm ({norm}) at step {step} with loss "
-            f"{loss}; the optimizer step was not applied"
-        )
-    lr = optimizer.param_groups[0]["lr"]
+    out = {"loss": loss, "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"]}
+    out.update({k: v / total_units for k, v in zip(names, values[2:-1])})
+    check_finite(out, stage=stage.name, step=step)  # before the optimizer applies anything
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    out = {"loss": loss, "grad_norm": norm, "lr": lr}
-    out.update({k: v / total_units for k, v in zip(names, values[2:-1])})
     return out, int(num_tokens)
 
 

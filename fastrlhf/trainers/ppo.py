@@ -89,6 +89,7 @@ from fastrlhf.trainers.common import (
     stage_records,
     weights_dtype,
 )
+from fastrlhf.trainers.numerics import check_finite, fetch
 from fastrlhf.trainers.loop import (
     TrainResult,
     _fmt,
@@ -584,6 +585,10 @@ class PPOTrainer:
                     mb_sums["value/grad_norm"] = clip_grad_norm_(
                         self.critic.parameters(), max_norm
                     ).float()
+                # one host sync per mini-batch: nothing non-finite reaches the weights, the
+                # optimizer states or a checkpoint; the early-stop check reads it too
+                host = fetch(mb_sums)
+                check_finite(host, stage=self.name, step=step)
                 self.memory.prepare_optimizer_step()
                 for opt in self.optimizers:
                     opt.step()
@@ -592,8 +597,8 @@ class PPOTrainer:
                 for name, v in mb_sums.items():
                     sums[name] = sums.get(name, 0.0) + v.to(self.device)
                 # the KL is global, so every rank stops at the same mini-batch
-                if ppo.target_kl > 0 and float(mb_sums["approx_kl"]) > ppo.target_kl:
-                    stopped = True  # the host sync of the check, only when it is enabled
+                if ppo.target_kl > 0 and host["approx_kl"] > ppo.target_kl:
+                    stopped = True
                     break
             if stopped:
                 break
