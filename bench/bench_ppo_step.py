@@ -80,10 +80,9 @@ def _models(shape: dict, device: torch.device):
 
 
 def _run(provider: str, shape: dict, device: torch.device) -> dict:
-    from fastrlhf.config import load_config
+    from fastrlhf.config import PPOConfig, load_config
     from fastrlhf.data.batch import PromptItem
     from fastrlhf.trainers.optim import matmul_params
-    from fastrlhf.config import PPOConfig
     from fastrlhf.trainers.ppo import PPOStage
 
     fused = provider == "fastrlhf"
