@@ -1,6 +1,6 @@
 """One whole PPO step: generate -> score -> train, fastrlhf vs the reference-ops switch.
 
-Providers (the same ``PPOTrainer`` loop, same models, prompts and seeds):
+Providers (the same ``PPOStage`` iteration, same models, prompts and seeds):
 
     fastrlhf    ppo.fused_ops=true, ppo.memory_reuse=true: fused lm_head log-probs
                 (``linear_token_logprobs``, no [N, V] logits), packed GAE through the
@@ -59,8 +59,8 @@ def _models(shape: dict, device: torch.device):
 
     from fastrlhf.models import PolicyModel, ValueModel
     from fastrlhf.models.attention import resolve_attn_impl
-    from fastrlhf.trainers.common import frozen
-    from fastrlhf.trainers.ppo import RLModels
+    from fastrlhf.trainers.loading import frozen
+    from fastrlhf.trainers.rl_models import RLModels
 
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size")  # fmt: skip
@@ -80,10 +80,10 @@ def _models(shape: dict, device: torch.device):
 
 
 def _run(provider: str, shape: dict, device: torch.device) -> dict:
-    from fastrlhf.config import load_config
+    from fastrlhf.config import PPOConfig, load_config
     from fastrlhf.data.batch import PromptItem
-    from fastrlhf.trainers.loop import matmul_params
-    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+    from fastrlhf.trainers.optim import matmul_params
+    from fastrlhf.trainers.ppo import PPOStage
 
     fused = provider == "fastrlhf"
     cfg = load_config(None, [
@@ -104,7 +104,7 @@ def _run(provider: str, shape: dict, device: torch.device) -> dict:
         PromptItem(torch.randint(1, vocab, (n,), generator=g).tolist(), text="") for n in lens
     ]
     models = _models(shape, device)
-    trainer = PPOTrainer(cfg, ppo, models=models, prompts=prompts)
+    trainer = PPOStage(cfg, ppo, models=models, prompts=prompts)
     times, hosts = [], []
     for step in range(1, shape["steps"] + 2):  # the first step warms up (allocator, kernels)
         if device.type == "cuda":

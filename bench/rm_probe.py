@@ -26,7 +26,7 @@ from fastrlhf.data.embedded import forgot_carry, needs_carry, parse_prompt
 from fastrlhf.data.formats import tokenize_preferences
 from fastrlhf.demo import _held_out_prompts
 from fastrlhf.models.value import ValueModel
-from fastrlhf.trainers.common import data_settings
+from fastrlhf.trainers.records import data_settings
 from fastrlhf.trainers.rewards import reward_model_scores
 
 

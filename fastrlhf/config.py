@@ -96,6 +96,9 @@ class TrainConfig:
     # micro-batches are packed up to this many tokens (no padding)
     micro_batch_tokens: int = 4096
     eval_every: int = 50
+    # also evaluate before the first step, the baseline later evals compare with;
+    # null: the stage's default (the RL stages do, when eval_every > 0; SFT/RM/DPO do not)
+    eval_at_start: bool | None = None
     # a bf16 autocast region around forward passes on CUDA; ignored on CPU
     bf16: bool = True
     # used for the MFU estimate when the device is not in the built-in table (0: not logged)

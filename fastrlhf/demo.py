@@ -55,8 +55,9 @@ def _with_model(cfg: RunConfig, path: str, **sections) -> RunConfig:
 
 def policy_gold_accuracy(ctx: DemoContext, model_dir: str) -> float:
     """Gold accuracy of the policy at ``model_dir`` on the held-out prompts (greedy)."""
-    from fastrlhf.trainers.common import gold_accuracy, load_policy_for
-    from fastrlhf.trainers.loop import resolve_device
+    from fastrlhf.trainers.gold import gold_accuracy
+    from fastrlhf.trainers.loading import load_policy_for
+    from fastrlhf.trainers.runtime import resolve_device
 
     cfg = ctx.configs["sft"]
     policy = load_policy_for(cfg, model_dir, resolve_device(cfg.device), trainable=False)
@@ -131,7 +132,7 @@ REQUIRES = {"sft": (), "rm": ("sft",), "dpo": ("sft",), "ppo": ("sft", "rm"), "g
 
 def _held_out_prompts(settings: DemoSettings, configs: dict[str, RunConfig]) -> list[dict]:
     """RL-style prompts of the embedded task that no training stage has seen."""
-    from fastrlhf.trainers.common import embedded_task, stage_records
+    from fastrlhf.trainers.records import embedded_task, stage_records
 
     seen = set()
     for stage in settings.stages:
@@ -174,7 +175,8 @@ def _plot_gold(reports: list[StageReport], path: Path) -> None:
 
 def run_demo(config_path: str | Path, overrides: list[str] | None = None) -> list[StageReport]:
     """Run the demo pipeline of ``config_path``; print and return the per-stage report."""
-    from fastrlhf.trainers.common import embedded_task, model_path
+    from fastrlhf.trainers.loading import model_path
+    from fastrlhf.trainers.records import embedded_task
 
     settings, configs = load_demo_config(config_path, overrides)
     for stage in settings.stages:

@@ -1,5 +1,7 @@
 """Trainers: one file per stage on top of one shared loop (``loop.py``).
 
+See README.md's layout section for what each module holds.
+
 ``run_stage(cfg, resume=False)`` dispatches on ``cfg.stage``. Stage modules are imported
 on demand, so ``import fastrlhf.trainers`` pulls in neither transformers nor triton.
 """
@@ -51,8 +53,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {sorted(STAGES)}")
     from fastrlhf.distributed import main_process_first, teardown
-    from fastrlhf.trainers.common import model_path
-    from fastrlhf.trainers.loop import run_context
+    from fastrlhf.trainers.loading import model_path
+    from fastrlhf.trainers.runtime import run_context
 
     set_cpu_threads(cfg.train.cpu_threads)
     ctx = run_context(cfg.device)

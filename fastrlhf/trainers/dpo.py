@@ -24,7 +24,6 @@ Legend: P = pairs, B = 2P sequences (2i chosen, 2i+1 rejected), n = response tok
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
@@ -34,31 +33,24 @@ from safetensors.torch import load_file, save_file
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_pairs
 from fastrlhf.distributed import DistContext, barrier
-from fastrlhf.trainers.common import (
-    data_settings,
+from fastrlhf.trainers.data_order import pack_indices
+from fastrlhf.trainers.loading import (
     load_policy_for,
-    loss_index,
+    load_reference,
     model_path,
-    move_index,
-    response_logprobs,
-    sequence_sums,
-    stage_records,
+    reference_model,
 )
-from fastrlhf.trainers.loop import (
-    MicroBatch,
-    Stage,
-    TrainResult,
-    matmul_params,
-    pack_indices,
-    progress,
-    stage_context,
-    train,
-)
+from fastrlhf.trainers.logprobs import loss_index, move_index, response_logprobs, sequence_sums
+from fastrlhf.trainers.loop import TrainResult, train
+from fastrlhf.trainers.optim import matmul_params
+from fastrlhf.trainers.records import data_settings, stage_records
+from fastrlhf.trainers.reporting import progress
+from fastrlhf.trainers.supervised import MicroBatch, SupervisedStage
 
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-class DPOStage(Stage):
+class DPOStage(SupervisedStage):
     name = "dpo"
 
     def __init__(
@@ -66,13 +58,9 @@ class DPOStage(Stage):
     ) -> None:
         from fastrlhf.data.formats import tokenize_preferences
 
-        self.cfg = cfg
-        self.ctx = stage_context(cfg, ctx)
-        self.device = self.ctx.device
-        self.autocast = cfg.train.bf16
+        super().__init__(cfg, ctx)
         path = model_path(cfg.model, cfg.run_dir)
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
-        self.module = self.policy
         tok = self.policy.tokenizer
         train_records, eval_records = stage_records(cfg.data, "pairs")
         settings = data_settings(cfg.data)
@@ -82,11 +70,12 @@ class DPOStage(Stage):
             raise ValueError(f"data.source={cfg.data.source!r} gave no preference pairs")
 
         self.needs_ref = cfg.dpo.kind not in REFERENCE_FREE
-        self.ref = None  # a frozen PolicyModel, or None (adapter-off policy / no reference)
         self.ref_tables: dict[str, torch.Tensor] = {}  # split -> [P, 2] (chosen, rejected)
         self.ref_name = cfg.dpo.ref_model or path
-        if self.needs_ref and not (self.policy.has_lora and cfg.dpo.ref_model is None):
-            self.ref = load_policy_for(cfg, self.ref_name, self.device, trainable=False)
+        # a frozen PolicyModel, or None (the adapter-off policy, or no reference at all)
+        self.ref = load_reference(
+            cfg, self.policy, cfg.dpo.ref_model, path, self.device, needed=self.needs_ref
+        )
         if not resume and self.ctx.is_main:
             # the cache is for resuming this run; a fresh run may have a retrained reference
             for stale in Path(cfg.run_dir).glob("reference_logps_*.safetensors"):
@@ -98,6 +87,7 @@ class DPOStage(Stage):
                 "eval": self._reference_table("eval", self.eval_pairs),
             }
             self.ref = None  # freed: training never runs the reference again
+        self._setup_training(self.policy)
 
     # --- log-probs -------------------------------------------------------------------
 
@@ -123,18 +113,14 @@ class DPOStage(Stage):
         logp = response_logprobs(model, mb.batch, mb.extra["index"])  # [n]
         return sequence_sums(logp, mb.extra["index"], mb.batch.num_seqs).view(-1, 2)
 
-    def _reference_context(self):
-        if self.ref is None and self.policy.has_lora:
-            return self.policy.reference_mode()
-        return contextlib.nullcontext()
-
     def _reference_logps(self, mb: MicroBatch) -> torch.Tensor:
         """[P, 2] reference log-probs: from the precomputed table, or a no-grad forward."""
         table = self.ref_tables.get(mb.extra["split"])
         if table is not None:
             return table[mb.indices].to(self.device)
-        with torch.no_grad(), self._reference_context(), self.forward_context():
-            return self._seq_logps(self.ref if self.ref is not None else self.policy, mb)
+        with torch.no_grad(), reference_model(self.policy, self.ref) as ref:
+            with self.forward_context():
+                return self._seq_logps(ref, mb)
 
     def _reference_table(self, split: str, pairs) -> torch.Tensor:
         """[P, 2] reference log-probs of every pair, cached in the run dir (keyed by the
@@ -151,9 +137,8 @@ class DPOStage(Stage):
         out = torch.zeros(len(pairs), 2)
         lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
         groups = pack_indices(list(range(len(pairs))), lengths, self.cfg.train.micro_batch_tokens)
-        model = self.ref if self.ref is not None else self.policy
-        model.eval()
-        with torch.no_grad(), self._reference_context():
+        with torch.no_grad(), reference_model(self.policy, self.ref) as model:
+            model.eval()
             desc = f"reference log-probs ({split})"
             for g in progress(groups, desc, self.cfg.train.progress_bar):
                 with self.forward_context():

@@ -27,16 +27,12 @@ import torch.nn.functional as F
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_pairs
 from fastrlhf.distributed import DistContext
-from fastrlhf.trainers.common import data_settings, model_path, stage_records, weights_dtype
-from fastrlhf.trainers.loop import (
-    MicroBatch,
-    Stage,
-    TrainResult,
-    pack_indices,
-    progress,
-    stage_context,
-    train,
-)
+from fastrlhf.trainers.data_order import pack_indices
+from fastrlhf.trainers.loading import model_path, weights_dtype
+from fastrlhf.trainers.loop import TrainResult, train
+from fastrlhf.trainers.records import data_settings, stage_records
+from fastrlhf.trainers.reporting import progress
+from fastrlhf.trainers.supervised import MicroBatch, SupervisedStage
 
 
 def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -82,17 +78,14 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) 
     }
 
 
-class RMStage(Stage):
+class RMStage(SupervisedStage):
     name = "rm"
 
     def __init__(self, cfg: RunConfig, ctx: DistContext | None = None) -> None:
         from fastrlhf.data.formats import tokenize_preferences
         from fastrlhf.models import load_value_model
 
-        self.cfg = cfg
-        self.ctx = stage_context(cfg, ctx)
-        self.device = self.ctx.device
-        self.autocast = cfg.train.bf16
+        super().__init__(cfg, ctx)
         if cfg.model.lora_rank:
             raise ValueError("model.lora_rank: LoRA reward models are not supported; set it to 0")
         m = cfg.model
@@ -108,7 +101,6 @@ class RMStage(Stage):
         )
         if self.model.tokenizer is None:
             raise ValueError(f"model.name_or_path={m.name_or_path!r} ships no tokenizer")
-        self.module = self.model
         train_records, eval_records = stage_records(cfg.data, "pairs")
         settings = data_settings(cfg.data)
         tok = self.model.tokenizer
@@ -116,6 +108,7 @@ class RMStage(Stage):
         self.eval_pairs = tokenize_preferences(eval_records, tok, settings)
         if not self.train_pairs:
             raise ValueError(f"data.source={cfg.data.source!r} gave no preference pairs")
+        self._setup_training(self.model)
 
     @staticmethod
     def _lengths(pairs) -> list[int]:

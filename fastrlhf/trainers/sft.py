@@ -22,45 +22,31 @@ import torch
 from fastrlhf.config import RunConfig
 from fastrlhf.data.batch import collate_packed
 from fastrlhf.distributed import DistContext
-from fastrlhf.trainers.common import (
-    data_settings,
-    load_policy_for,
-    loss_index,
-    model_path,
-    move_index,
-    response_logprobs,
-    stage_records,
-)
-from fastrlhf.trainers.loop import (
-    MicroBatch,
-    Stage,
-    TrainResult,
-    pack_indices,
-    progress,
-    stage_context,
-    train,
-)
+from fastrlhf.trainers.data_order import pack_indices
+from fastrlhf.trainers.loading import load_policy_for, model_path
+from fastrlhf.trainers.logprobs import loss_index, move_index, response_logprobs
+from fastrlhf.trainers.loop import TrainResult, train
+from fastrlhf.trainers.records import data_settings, stage_records
+from fastrlhf.trainers.reporting import progress
+from fastrlhf.trainers.supervised import MicroBatch, SupervisedStage
 
 
-class SFTStage(Stage):
+class SFTStage(SupervisedStage):
     name = "sft"
 
     def __init__(self, cfg: RunConfig, ctx: DistContext | None = None) -> None:
         from fastrlhf.data.formats import tokenize_sft
 
-        self.cfg = cfg
-        self.ctx = stage_context(cfg, ctx)
-        self.device = self.ctx.device
-        self.autocast = cfg.train.bf16
+        super().__init__(cfg, ctx)
         path = model_path(cfg.model, cfg.run_dir)
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
-        self.module = self.policy
         train_records, eval_records = stage_records(cfg.data, "sft")
         settings = data_settings(cfg.data)
         self.train_seqs = tokenize_sft(train_records, self.policy.tokenizer, settings)
         self.eval_seqs = tokenize_sft(eval_records, self.policy.tokenizer, settings)
         if not self.train_seqs:
             raise ValueError(f"data.source={cfg.data.source!r} gave no SFT training examples")
+        self._setup_training(self.policy)
 
     def example_lengths(self) -> list[int]:
         return [len(s.input_ids) for s in self.train_seqs]

@@ -53,8 +53,8 @@ def build(model_dir: str | Path, ctx: DistContext):
 
 def train_step(step: int, policy, optimizer, seqs: list, ctx: DistContext) -> dict[str, float]:
     """Optimizer step ``step`` (0-based); returns the global loss and gradient norm."""
-    from fastrlhf.trainers.common import loss_index, response_logprobs
-    from fastrlhf.trainers.loop import step_indices
+    from fastrlhf.trainers.data_order import step_indices
+    from fastrlhf.trainers.logprobs import loss_index, response_logprobs
 
     lengths = [len(s.input_ids) for s in seqs]
     indices = step_indices(step, BATCH_SIZE, len(seqs), SEED)

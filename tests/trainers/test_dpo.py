@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastrlhf.trainers.dpo import DPOStage
-from fastrlhf.trainers.loop import accumulate_gradients, train
+from fastrlhf.trainers.loop import train
+from fastrlhf.trainers.supervised import accumulate_gradients
 
 
 def _grads(stage):

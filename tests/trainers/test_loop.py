@@ -8,14 +8,10 @@ import pytest
 import torch
 
 from fastrlhf.config import OptimConfig
-from fastrlhf.trainers.loop import (
-    accumulate_gradients,
-    lr_factor,
-    matmul_params,
-    pack_indices,
-    step_indices,
-    train,
-)
+from fastrlhf.trainers.data_order import pack_indices, step_indices
+from fastrlhf.trainers.loop import train
+from fastrlhf.trainers.optim import lr_factor, matmul_params
+from fastrlhf.trainers.supervised import accumulate_gradients
 
 
 def test_lr_schedule_shapes():
@@ -67,7 +63,7 @@ def _grads(stage):
 def test_loss_is_normalised_by_the_global_token_count(small_config):
     """Splitting a step into more micro-batches must not change loss or gradients, and
     the loss must equal the per-token mean over the whole batch (not a mean of means)."""
-    from fastrlhf.trainers.common import response_logprobs
+    from fastrlhf.trainers.logprobs import response_logprobs
     from fastrlhf.trainers.sft import SFTStage
 
     stage = SFTStage(small_config("sft"))

@@ -12,13 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrlhf.trainers.ppo import (
-    PPOConfig,
-    PPOTrainer,
-    load_models,
-    run_ppo,
-)
-from fastrlhf.trainers.rewards import critic_free_advantages, gae_advantages
+from fastrlhf.config import PPOConfig
+from fastrlhf.trainers.experience import critic_free_advantages, gae_advantages
+from fastrlhf.trainers.loop import train
+from fastrlhf.trainers.ppo import PPOStage
+from fastrlhf.trainers.rl_models import load_models
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = dict(rollout_batch_size=3, max_new_tokens=5, eval_max_new_tokens=4)
@@ -61,7 +59,7 @@ def test_ppo_iteration_trains_policy_and_critic(small_config, reward_model_dir):
         entropy_coef=0.01,
         **TINY,
     )
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     policy0, critic0 = _params(trainer.policy), _params(trainer.critic)
     ref0 = _params(trainer.ref, trainable=False)
     assert len(ref0) > 0
@@ -89,7 +87,7 @@ def test_ppo_iteration_trains_policy_and_critic(small_config, reward_model_dir):
 
 def test_experience_layout_and_select(small_config, reward_model_dir):
     cfg = small_config("sft")
-    trainer = PPOTrainer(cfg, PPOConfig(kind="ppo", reward_model=reward_model_dir, **TINY))
+    trainer = PPOStage(cfg, PPOConfig(kind="ppo", reward_model=reward_model_dir, **TINY))
     trainer.memory.generate()
     items = trainer.prompts[:4]
     rollout = trainer._generate(items, trainer.gen_config)
@@ -116,7 +114,7 @@ def test_critic_free_iteration(small_config, reward_model_dir, kind, lora):
     cfg = small_config("sft", "optim.lr=1e-3", *extra)
     ppo = PPOConfig(kind=kind, reward_model=reward_model_dir, n_samples=3, rollout_batch_size=2,
                     max_new_tokens=5, kl_placement="loss", kl_coef=0.01)  # fmt: skip
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     assert trainer.critic is None
     # with LoRA the reference is the policy with its adapter off, not a second model
     assert (trainer.ref is None) == lora and trainer.policy.has_lora == lora
@@ -142,7 +140,7 @@ def test_reward_function_drives_grpo(small_config):
         max_new_tokens=6,
         kl_coef=0.0,
     )
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     assert trainer.ref is None and trainer.reward_model is None  # no KL: no reference
     metrics, _ = trainer.iteration(1)
     _finite(metrics)
@@ -221,7 +219,7 @@ def test_fused_and_reference_switch_give_the_same_loss(small_config, reward_mode
         agg="seq-mean-token-mean",
         **TINY,
     )
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     items = trainer.prompts[:5]
     trainer.memory.generate()
     rollout = trainer._generate(items, trainer.gen_config)
@@ -266,7 +264,7 @@ def test_cuda_bf16_iteration(small_config, reward_model_dir, kind):
     cfg = small_config("sft", "device=cuda", "train.bf16=true", "optim.lr=1e-3")
     ppo = PPOConfig(kind=kind, reward_model=reward_model_dir, n_samples=1 if kind == "ppo" else 4,
                     rollout_batch_size=8, max_new_tokens=8, num_mini_batches=2)  # fmt: skip
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     before = _params(trainer.policy)
     for step in (1, 2):
         metrics, host = trainer.iteration(step)
@@ -289,7 +287,7 @@ def test_early_stop_on_approx_kl(small_config, reward_model_dir):
         offload_optimizer=True,
         **TINY,
     )
-    trainer = PPOTrainer(cfg, ppo)
+    trainer = PPOStage(cfg, ppo)
     metrics, _ = trainer.iteration(1)
     # 4 mini-batch updates were planned; once one has moved the policy, the next
     # mini-batch's approx KL exceeds the tiny threshold
@@ -317,13 +315,13 @@ def test_checkpoint_and_resume_is_bit_identical(small_config, reward_model_dir):
     ppo = PPOConfig(
         kind="ppo", reward_model=reward_model_dir, adaptive_kl=True, kl_horizon=100, **TINY
     )
-    run_ppo(cfg, ppo)
+    train(PPOStage(cfg, ppo), cfg)
     root = cfg.run_dir + "/checkpoints"
     step2 = Path(root) / "step_00000002"
     reference = _checkpoint_tensors(step2)
     assert any(k.startswith("critic/") for k in reference)  # the critic is checkpointed
     shutil.rmtree(step2)
-    result = run_ppo(cfg, ppo, resume=True)
+    result = train(PPOStage(cfg, ppo), cfg, resume=True)
     resumed = _checkpoint_tensors(step2)
     assert reference.keys() == resumed.keys()
     for k in reference:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastrlhf.trainers.kl import AdaptiveKLController, FixedKLController, kl_controller
 from fastrlhf.trainers.rewards import (
-    AdaptiveKLController,
-    FixedKLController,
     arithmetic_reward,
     call_reward_function,
-    kl_controller,
     load_reward_function,
     normalize_scores,
     reward_model_scores,
