@@ -242,7 +242,7 @@ def _fall_back(err: Exception) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
-    _log_once("eager (compile failed)")
+    _log_once(f"eager decode step (compile failed: {_broken})")
 
 
 class _StepGraph:
@@ -274,13 +274,13 @@ class StepRunner:
             if graph is None or graph.weights != ptrs:
                 graph = graphs[spec] = _StepGraph(ptrs)  # (re)capture against these weights
             self.graph = None if graph.failed else graph
-        if self.compiled:
-            _log_once(
-                "compiled decode step (torch.compile fullgraph, "
-                + ("one CUDA graph per batch bucket)" if self.graph else "Inductor, no graphs)")
-            )
-        else:
+        if not self.compiled:
             _log_once("eager decode step" + (f" (compile failed: {_broken})" if _broken else ""))
+
+    def _log_compiled(self) -> None:
+        # once the first compiled step has run: a failure logs the eager path instead
+        graphs = "one CUDA graph per batch bucket" if self.graph else "Inductor, no CUDA graphs"
+        _log_once(f"compiled decode step (torch.compile fullgraph, {graphs})")
 
     def _args(self):
         p = self.parts
@@ -295,6 +295,7 @@ class StepRunner:
                 _compiled_step()(*self._args())
             else:
                 self._graph_step()
+            self._log_compiled()
         except torch._dynamo.exc.TorchDynamoException as err:
             # raised while tracing or compiling, before the step ran: redo it eagerly
             _fall_back(err)
