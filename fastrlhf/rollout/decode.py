@@ -65,17 +65,25 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 WARMUP_STEPS = 2  # compiled steps run eagerly (on a side stream) before a CUDA graph capture
 
 
-def resolve_compile(setting: str, device: torch.device) -> bool:
+def check_compile_setting(setting: object) -> None:
+    """ValueError unless ``setting`` is "auto", "on", "off" or a bool (True = "on")."""
+    if not isinstance(setting, bool) and setting not in COMPILE_SETTINGS:
+        raise ValueError(
+            f"compile must be one of {list(COMPILE_SETTINGS)} (or a bool), got {setting!r}"
+        )
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """``GenerationConfig.compile`` -> whether the compiled step is used on ``device``.
 
     "auto" compiles on CUDA only: there the step is launch-bound and CUDA graphs remove
     the launches; on CPU Inductor's gain is smaller and a compile costs tens of seconds.
+    A bool (what YAML makes of a bare on/off) means "on" / "off".
     """
-    if setting not in COMPILE_SETTINGS:
-        raise ValueError(f"compile must be one of {list(COMPILE_SETTINGS)}, got {setting!r}")
+    check_compile_setting(setting)
     if setting == "auto":
         return device.type == "cuda"
-    return setting == "on"
+    return setting is True or setting == "on"
 
 
 def bucket_rows(batch: int) -> int:

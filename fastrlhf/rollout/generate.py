@@ -44,10 +44,10 @@ import torch
 from fastrlhf.ops._checks import INDEX_DTYPES, check_tensor, describe
 from fastrlhf.rollout.cache import ReusableKVCache
 from fastrlhf.rollout.decode import (
-    COMPILE_SETTINGS,
     StepRunner,
     StepSpec,
     bucket_rows,
+    check_compile_setting,
     logits_fp32,
     record_token,
     resolve_compile,
@@ -70,8 +70,8 @@ class GenerationConfig:
     pad_token_id: int = 0  # fed to finished rows and used as left padding; never attended
     eos_check_interval: int = 8  # decode steps between "all rows finished?" host syncs
     # the decode step compiled (torch.compile, + CUDA graphs on CUDA): "auto" = on for
-    # CUDA, off for CPU; see fastrlhf.rollout.decode
-    compile: str = "auto"
+    # CUDA, off for CPU (True / False: on / off); see fastrlhf.rollout.decode
+    compile: str | bool = "auto"
 
     @property
     def greedy(self) -> bool:
@@ -90,10 +90,7 @@ class GenerationConfig:
                 f"eos_check_interval must be an int >= 1, got {self.eos_check_interval!r}"
             )
         check_sampling_args(self.temperature, self.top_k, self.top_p)
-        if self.compile not in COMPILE_SETTINGS:
-            raise ValueError(
-                f"compile must be one of {list(COMPILE_SETTINGS)}, got {self.compile!r}"
-            )
+        check_compile_setting(self.compile)
 
 
 @dataclass
