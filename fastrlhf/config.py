@@ -11,6 +11,7 @@ One tree describes a run of any stage::
       checkpoint  cadence, how many to keep
       logging     JSONL cadence, TensorBoard / W&B, plots
       sft, rm, dpo, ppo  stage-specific knobs (the grpo stage uses the ppo section)
+      rollout     how rollouts are decoded (compiled decode step)
 
 Every default is written once, here, as a dataclass field default. A YAML file and then
 ``key.sub=value`` overrides are applied on top; an unknown key or a value of the wrong
@@ -263,6 +264,13 @@ class PPOConfig:
 
 
 @dataclass
+class RolloutConfig:
+    # the decode step compiled (torch.compile, + CUDA graphs on CUDA): "auto" = on for
+    # CUDA, off for CPU. YAML reads a bare on/off as a boolean, so true/false mean on/off
+    compile: Literal["auto", "on", "off", True, False] = "auto"
+
+
+@dataclass
 class RunConfig:
     stage: Literal["sft", "rm", "dpo", "ppo", "grpo"] = "sft"
     run_dir: str = "runs/default"
@@ -280,6 +288,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     # ppo and grpo stages (grpo: a critic-free ppo.kind, grpo unless set otherwise)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 # ---------------------------------------------------------------------------------------

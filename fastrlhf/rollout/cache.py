@@ -15,6 +15,11 @@ batch size drops the old cache before allocating the new one (peak memory never 
 both). ``release()`` drops the buffers so the memory goes back to the allocator for the
 training forward (see ``fastrlhf.rollout.memory``).
 
+The decode step's static state (``decode.DecodeState``) and its CUDA graphs were built
+against these buffers, so the cache owns them: they are kept while the cache is reused
+and dropped with it (``release()``, or a reallocation). See ``fastrlhf.rollout.decode``
+for that policy between generation and training.
+
 Cost: a static cache attends over all S positions at every step (masked ones included);
 for S well above the real length that is wasted work, which the granule keeps small.
 """
@@ -22,6 +27,8 @@ for S well above the real length that is wasted work, which the granule keeps sm
 from __future__ import annotations
 
 import torch
+
+from fastrlhf.rollout.decode import DecodeState
 
 CAPACITY_GRANULE = 64
 
@@ -47,6 +54,9 @@ class ReusableKVCache:
         self._capacity = 0
         self._config = None
         self.allocations = 0
+        self._state: DecodeState | None = None
+        # CUDA graphs of the compiled decode step, by its StepSpec (decode.StepRunner)
+        self.graphs: dict = {}
 
     @property
     def alive(self) -> bool:
@@ -101,6 +111,16 @@ class ReusableKVCache:
         self.allocations += 1
         return self._cache
 
+    def decode_state(self, device: torch.device) -> DecodeState:
+        """The decode step's buffers for this cache's (batch, capacity), made on first use."""
+        if self._cache is None:
+            raise RuntimeError("decode_state() needs a cache: call acquire() first")
+        st = self._state
+        if st is None or st.token.device != torch.device(device):
+            self.graphs.clear()  # captured against the old buffers
+            st = self._state = DecodeState(self._batch_size, self._capacity, device)
+        return st
+
     def buffers(self) -> list[torch.Tensor]:
         """The K and V buffers of every layer (empty before the first forward)."""
         if self._cache is None:
@@ -112,10 +132,19 @@ class ReusableKVCache:
         return out
 
     def nbytes(self) -> int:
+        """Bytes of the K/V buffers."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    def held_bytes(self) -> int:
+        """Everything this object keeps allocated: K/V, the decode state, the graph pools."""
+        state = 0 if self._state is None else self._state.nbytes()
+        return self.nbytes() + state + sum(g.pool_bytes for g in self.graphs.values())
+
     def release(self) -> None:
-        """Drop the buffers; the next ``acquire`` allocates afresh."""
+        """Drop the buffers, the decode state and its graphs; the next ``acquire``
+        allocates afresh (and the next compiled rollout captures again)."""
+        self.graphs.clear()  # graphs first: their pools hold addresses of the buffers
+        self._state = None
         self._cache = None
         self._batch_size = 0
         self._capacity = 0

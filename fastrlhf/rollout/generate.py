@@ -40,11 +40,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastrlhf.ops._checks import INDEX_DTYPES, check_tensor, describe
 from fastrlhf.rollout.cache import ReusableKVCache
-from fastrlhf.rollout.sampling import check_sampling_args, sample_next_token
+from fastrlhf.rollout.decode import (
+    StepRunner,
+    StepSpec,
+    bucket_rows,
+    check_compile_setting,
+    logits_fp32,
+    record_token,
+    resolve_compile,
+)
+from fastrlhf.rollout.sampling import check_sampling_args, draw_tokens, keyed_uniform
 
 IGNORE_INDEX = -100
 
@@ -61,6 +69,9 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None  # None: no early stop (pass the tokenizer's)
     pad_token_id: int = 0  # fed to finished rows and used as left padding; never attended
     eos_check_interval: int = 8  # decode steps between "all rows finished?" host syncs
+    # the decode step compiled (torch.compile, + CUDA graphs on CUDA): "auto" = on for
+    # CUDA, off for CPU (True / False: on / off); see fastrlhf.rollout.decode
+    compile: str | bool = "auto"
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +90,7 @@ class GenerationConfig:
                 f"eos_check_interval must be an int >= 1, got {self.eos_check_interval!r}"
             )
         check_sampling_args(self.temperature, self.top_k, self.top_p)
+        check_compile_setting(self.compile)
 
 
 @dataclass
@@ -222,23 +234,6 @@ def _decode_attention(model: torch.nn.Module, parts: _PolicyParts):
     return padded_attention(parts.hf_model)
 
 
-def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """hidden [B, H] @ weight[V, H].T (+ bias) as float32 [B, V], without rounding to bf16.
-
-    Rounding logits to bf16 would move a log-prob by up to ~|logit| * 2^-8; the training
-    pass keeps them in fp32, so generation must too.
-    """
-    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.linear(hidden, weight, bias)
-    low = (torch.float16, torch.bfloat16)
-    if hidden.is_cuda and hidden.dtype in low and weight.dtype == hidden.dtype:
-        # fp32 accumulation written straight to an fp32 output (CUDA-only overload)
-        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    else:  # CPU low precision (tests, debugging) or mixed dtypes: upcast, slower but exact
-        logits = hidden.float() @ weight.float().t()
-    return logits if bias is None else logits + bias.float()
-
-
 def _check_prompts(prompt_ids: torch.Tensor, prompt_cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Validate the packed prompts; return their lengths [B] (int64, same device)."""
     check_tensor("prompt_ids", prompt_ids, dtypes=INDEX_DTYPES, ndim=1)
@@ -290,69 +285,94 @@ def _decode(
     generator: torch.Generator | None,
     sample_keys: torch.Tensor | None,
 ) -> Rollout:
-    decoder, weight, bias = parts.decoder, parts.weight, parts.bias
+    weight = parts.weight
     device = weight.device
     prompt_ids, lens = prompt_ids.to(device).long(), lens.to(device)
-    if sample_keys is not None:
-        sample_keys = sample_keys.to(device)
     B, R = lens.numel(), config.max_new_tokens
     P = int(lens.max())
     S = P + R
+    compiled = resolve_compile(config.compile, device)
+    # compiled steps run at static shapes: the batch padded to a power of two with rows
+    # that are finished from the start (one pad-token prompt); eager runs the batch as is
+    Bb = bucket_rows(B) if compiled else B
+    spec = StepSpec(
+        temperature=float(config.temperature),
+        top_k=int(config.top_k),
+        top_p=float(config.top_p),
+        greedy=config.greedy,
+        keyed=sample_keys is not None,
+        pad_token_id=int(config.pad_token_id),
+        eos=_as_tuple(config.eos_token_id),
+    )
 
-    # Left-padded canvas [B, S]: prompt flush right in [:, :P], responses in [:, P:].
-    prompt_valid = torch.arange(P, device=device)[None] >= (P - lens)[:, None]  # [B, P]
-    tokens = torch.full((B, S), config.pad_token_id, dtype=torch.long, device=device)
-    tokens[:, :P][prompt_valid] = prompt_ids  # row-major fill == packed order
-    cache = kv_cache.acquire(parts.hf_config, B, S, device=device, dtype=parts.kv_dtype)
-    # The static cache attends over its whole capacity; the 2-D mask covers it all and
-    # gains a 1 per decoded column (columns not yet written are also hidden by causality).
-    attn = torch.zeros(B, kv_cache.capacity, dtype=torch.long, device=device)
-    attn[:, :P] = prompt_valid
-    positions = (prompt_valid.cumsum(-1) - 1).clamp(min=0)  # [B, P], real tokens 0..len-1
+    # Left-padded canvas [Bb, P]: prompt flush right, responses follow in columns P...
+    row_lens = torch.ones(Bb, dtype=torch.long, device=device)
+    row_lens[:B] = lens
+    prompt_valid = torch.arange(P, device=device)[None] >= (P - row_lens)[:, None]  # [Bb, P]
+    canvas = torch.full((Bb, P), config.pad_token_id, dtype=torch.long, device=device)
+    canvas[:B][prompt_valid[:B]] = prompt_ids  # row-major fill == packed order
+    cache = kv_cache.acquire(parts.hf_config, Bb, S, device=device, dtype=parts.kv_dtype)
+    st = kv_cache.decode_state(device)  # [Bb, capacity] buffers, reused while the cache is
+    st.prompt_mask.zero_()
+    st.prompt_mask[:, :P] = prompt_valid
+    st.width.fill_(P)
+    st.lens.copy_(row_lens)
+    st.finished.zero_()
+    st.finished[B:] = True  # bucket padding: never alive, never counted
+    st.response_lens.zero_()
+    st.keys.zero_()
+    if sample_keys is not None:
+        st.keys[:B] = sample_keys.to(device)
+    noise = st.noise_buffer(weight.shape[0])[:B] if spec.uses_noise else None
+    if noise is not None and generator is not None and generator.device != device:
+        raise ValueError(
+            f"generator is on {generator.device} but the model is on {device}; "
+            "create the torch.Generator on the model's device"
+        )
 
-    hidden = decoder(
-        input_ids=tokens[:, :P],
-        attention_mask=attn,
+    # Prefill (eager; one forward over the prompts) fills the static cache. The 2-D mask
+    # covers the cache's whole capacity; response columns are hidden by causality until
+    # written.
+    positions = (prompt_valid.cumsum(-1) - 1).clamp(min=0)  # [Bb, P], real tokens 0..len-1
+    hidden = parts.decoder(
+        input_ids=canvas,
+        attention_mask=st.prompt_mask.long(),
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
-    ).last_hidden_state[:, -1]  # [B, H]
+    ).last_hidden_state[:, -1]  # [Bb, H]
+    t0 = torch.zeros((), dtype=torch.long, device=device)
+    if noise is not None:
+        noise.exponential_(1.0, generator=generator)
+    token, lp = draw_tokens(
+        logits_fp32(hidden, weight, parts.bias),
+        spec.temperature,
+        spec.top_k,
+        spec.top_p,
+        greedy=spec.greedy,
+        noise=st.noise if noise is not None else None,
+        uniforms=keyed_uniform(st.keys, 0) if spec.keyed and not spec.greedy else None,
+    )
+    record_token(st, token, lp, t0, spec)
 
-    eos = torch.tensor(_as_tuple(config.eos_token_id), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    response_lens = torch.zeros(B, dtype=torch.long, device=device)
-    response_lp = torch.zeros(B, R, dtype=torch.float32, device=device)
-    for t in range(R):
-        token, lp = sample_next_token(
-            _logits_fp32(hidden, weight, bias),
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            do_sample=config.do_sample,
-            generator=generator,
-            keys=sample_keys,
-            position=t,
-        )
-        alive = ~finished
-        token = torch.where(alive, token, config.pad_token_id)
-        tokens[:, P + t] = token
-        response_lp[:, t] = torch.where(alive, lp, 0.0)
-        response_lens += alive
-        finished |= alive & torch.isin(token, eos)
-        if t == R - 1:
-            break
-        if (t + 1) % config.eos_check_interval == 0 and bool(finished.all()):
+    # Decode: step t feeds response token t - 1 and draws token t (decode.decode_step).
+    step = StepRunner(compiled, parts, cache, st, spec, kv_cache.graphs)
+    for t in range(1, R):
+        if t % config.eos_check_interval == 0 and bool(st.finished.all()):
             break  # host sync: every row has emitted EOS
-        attn[:, P + t] = 1
-        hidden = decoder(
-            input_ids=token[:, None],
-            attention_mask=attn,
-            position_ids=(lens + t)[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
+        if noise is not None:
+            noise.exponential_(1.0, generator=generator)
+        step()
 
-    return _pack(tokens, prompt_valid, response_lp, response_lens, finished, config)
+    response = slice(P, P + R)
+    return _pack(
+        torch.cat([canvas[:B], st.out_tokens[:B, response]], dim=1),
+        prompt_valid[:B],
+        st.out_logprobs[:B, response],
+        st.response_lens[:B].clone(),
+        st.finished[:B].clone(),
+        config,
+    )
 
 
 def _pack(

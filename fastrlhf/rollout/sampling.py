@@ -181,10 +181,25 @@ def keyed_uniform(keys: torch.Tensor, t: int) -> torch.Tensor:
     """
     t = _check_nonneg_int("t", t)
     check_tensor("keys", keys, dtypes=(torch.int64,))
+    return _uniform_from_states(keys, [_absorb_int(start, t) for start in _UNIFORM_LANES])
+
+
+def keyed_uniform_at(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``keyed_uniform(keys, t)`` with the position as an int64 tensor of one element.
+
+    The same bits as the Python-int version for 0 <= t < 2**32 (one 32-bit word: the
+    prefix-free encoding absorbs the word count 1, then t), written with tensor ops only
+    so that a compiled decode step can advance t in place without recompiling. No checks:
+    the caller owns ``t``'s range.
+    """
+    states = [_mix32(_mix32(start ^ 1) ^ t) for start in _UNIFORM_LANES]
+    return _uniform_from_states(keys, states)
+
+
+def _uniform_from_states(keys: torch.Tensor, states) -> torch.Tensor:
     lo, hi = _words(keys)
     halves = []
-    for start in _UNIFORM_LANES:
-        state = _absorb_int(start, t)
+    for state in states:
         # A third round after the last word: the high word of the key gets full avalanche.
         h = _mix32(_mix32(_mix32(lo ^ state) ^ hi))
         halves.append(h >> 6)  # the top 26 bits, the best mixed ones
@@ -264,8 +279,42 @@ def sample_next_token(
             )
         _check_keys(keys, logits)
         position = _check_nonneg_int("position", position)
-    logits = logits.float()  # [B, V]
     greedy = not do_sample or temperature == 0.0
+    noise = uniforms = None  # greedy decoding draws nothing
+    if not greedy and keys is not None:
+        # one uniform per row, from the row's own key: independent of the batch
+        uniforms = keyed_uniform(keys, position)
+    elif not greedy:
+        if generator is not None and generator.device != logits.device:
+            raise ValueError(
+                f"generator is on {generator.device} but logits are on {logits.device}; "
+                "create the torch.Generator on the logits' device"
+            )
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        noise.exponential_(1.0, generator=generator)
+    return draw_tokens(
+        logits, temperature, top_k, top_p, greedy=greedy, noise=noise, uniforms=uniforms
+    )
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    *,
+    greedy: bool,
+    noise: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw of ``sample_next_token`` with its randomness given as tensors.
+
+    ``noise`` [B, V] float32 Exp(1) draws (the generator path) or ``uniforms`` [B] float64
+    in (0, 1) (the keyed path); neither when ``greedy``. Pure tensor code with no RNG
+    inside, so a compiled decode step computes the same draw as the eager one from the
+    same noise or uniforms. Arguments are trusted (``sample_next_token`` checks them).
+    """
+    logits = logits.float()  # [B, V]
     scale = 1.0 if greedy else temperature
     scaled = logits / scale  # [B, V]
     if greedy:
@@ -273,20 +322,13 @@ def sample_next_token(
     else:
         filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
         probs = torch.softmax(filtered, dim=-1)  # [B, V], exact zeros where filtered
-        if keys is not None:
-            # one uniform per row, from the row's own key: independent of the batch
-            tokens = _inverse_cdf_sample(probs, keyed_uniform(keys, position))
+        if uniforms is not None:
+            tokens = _inverse_cdf_sample(probs, uniforms)
         else:
             # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Unlike
             # torch.multinomial it is one elementwise op + argmax, needs no host sync, and
             # a filtered token (p = 0) can never win.
-            if generator is not None and generator.device != probs.device:
-                raise ValueError(
-                    f"generator is on {generator.device} but logits are on {probs.device}; "
-                    "create the torch.Generator on the logits' device"
-                )
-            race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-            tokens = (probs / race).argmax(dim=-1)
+            tokens = (probs / noise).argmax(dim=-1)
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
 
@@ -303,7 +345,9 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
 
 __all__ = [
     "check_sampling_args",
+    "draw_tokens",
     "keyed_uniform",
+    "keyed_uniform_at",
     "sample_next_token",
     "sequence_keys",
     "top_k_filter",

@@ -174,6 +174,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
             top_p=ppo.top_p,
             eos_token_id=eos,
             pad_token_id=pad,
+            compile=cfg.rollout.compile,
         )
         self.eval_config = dataclasses.replace(
             self.gen_config, do_sample=False, max_new_tokens=ppo.eval_max_new_tokens

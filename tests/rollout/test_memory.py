@@ -296,3 +296,73 @@ def test_cuda_offload_frees_device_memory_into_pinned_host_buffers():
     assert all(isinstance(v, int) and v > 0 for v in peaks.values())
     # the critic was resident only inside use(): the generate peak never held it
     assert peaks["generate"] < peaks["score"]
+
+
+# ---- the compiled decode step's state and graphs (policy: fastrlhf.rollout.decode) ----
+# 5 rows (bucket 8), greedy, no EOS: the specialisation test_compiled_decode.py compiles too
+COMPILED = dict(max_new_tokens=4, temperature=0.0, compile="on")
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_state_and_graphs_go_with_the_released_cache():
+    model = tiny_lm()
+    mm = HybridMemoryManager(model)
+    ids, cu = pack_prompts(random_prompts((3, 5, 2, 6, 4)))
+    kv, compiled = mm.kv_cache, None
+    for _ in range(2):
+        mm.generate()
+        generate(model, ids, cu, GenerationConfig(**COMPILED), kv_cache=kv)
+        # the decode state is held on top of the K/V buffers while generating
+        assert kv.held_bytes() > kv.nbytes() > 0
+        # released and re-allocated every step, the compiled code is kept: no recompile
+        compiled = compiled or _compiled_graphs()
+        assert _compiled_graphs() == compiled
+        mm.score()
+        assert not kv.alive and kv.held_bytes() == 0 and kv.graphs == {}
+        mm.train()  # nothing of the rollout is held in training
+    assert kv.allocations == 2
+
+
+def test_compiled_decode_state_kept_reserved_when_release_is_off():
+    model = tiny_lm()
+    mm = HybridMemoryManager(model, release_kv_cache=False)
+    ids, cu = pack_prompts(random_prompts((3, 5, 2, 6, 4)))
+    kv, held, ptrs = mm.kv_cache, None, None
+    for _ in range(2):
+        mm.generate()
+        generate(model, ids, cu, GenerationConfig(**COMPILED), kv_cache=kv)
+        now = [t.data_ptr() for t in kv.buffers() + kv.decode_state("cpu").tensors()]
+        ptrs, held = ptrs or now, held or kv.held_bytes()
+        assert now == ptrs and kv.held_bytes() == held  # same buffers, nothing new
+        mm.score()
+        mm.train()  # allowed: cache, state (and on CUDA the graphs) deliberately kept
+    assert kv.allocations == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_their_pool_are_freed_before_training():
+    model = tiny_lm().cuda()
+    mm = HybridMemoryManager(model)
+    prompts = [p.cuda() for p in random_prompts((3, 5, 2, 6, 4))]
+    ids, cu = pack_prompts(prompts)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0.0, compile="auto")
+    mm.generate()
+    generate(model, ids, cu, cfg, kv_cache=mm.kv_cache)
+    (graph,) = mm.kv_cache.graphs.values()
+    assert graph.graph is not None
+    buffers = mm.kv_cache.held_bytes() - graph.pool_bytes  # K/V + decode state
+    del graph
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    mm.score()
+    assert mm.kv_cache.held_bytes() == 0 and mm.kv_cache.graphs == {}
+    # the buffers go back to the allocator, and with the graph its private pool
+    assert allocated - torch.cuda.memory_allocated() >= buffers
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() < reserved
+    mm.train()
