@@ -89,7 +89,7 @@ class PolicyModel(torch.nn.Module):
         """[N, V_head] logits from hidden states: the unfused path (tests, small batches)."""
         return torch.nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias)
 
-    def padded_attention(self, impl: str = "sdpa") -> contextlib.AbstractContextManager:
+    def padded_attention(self, impl: str | None = None) -> contextlib.AbstractContextManager:
         """Context for padded forwards and ``generate()`` (see models.attention)."""
         return padded_attention(self.causal_lm, impl)
 
@@ -151,12 +151,15 @@ def load_policy(
     lora_target_modules: Sequence[str] | None = None,
     gradient_checkpointing: bool = False,
     attn_impl: str = "auto",
+    attention: str = "auto",
+    batch_invariant_attention: bool = False,
 ) -> PolicyModel:
     """Load a causal LM (local dir or hub id) as a ``PolicyModel``.
 
     dtype None means bf16 on CUDA and fp32 on CPU. ``attn_impl`` "auto" uses our packed
-    attention (flash-attn varlen where installed, masked SDPA otherwise); other values
-    go to transformers unchanged. A directory written by ``save_pretrained`` of a LoRA
+    attention, by the path ``attention`` names ("auto": see ``choose_attention``;
+    ``batch_invariant_attention``: num_splits=1 for torch_varlen); other ``attn_impl``
+    values go to transformers unchanged. A directory written by ``save_pretrained`` of a LoRA
     policy (adapter only) loads its base model and attaches the saved, trainable adapter.
     """
     from peft import PeftModel
@@ -174,6 +177,8 @@ def load_policy(
         device=device,
         trust_remote_code=trust_remote_code,
         attn_impl=attn_impl,
+        attention=attention,
+        batch_invariant_attention=batch_invariant_attention,
     )
     tokenizer = load_tokenizer(adapter_dir or name_or_path, trust_remote_code)
     if gradient_checkpointing:
