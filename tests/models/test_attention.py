@@ -179,3 +179,77 @@ def test_torch_varlen_traced_on_meta(family, monkeypatch):
         assert call["num_splits"] == 1
         flash = _flash_window_mask(n, call["window_size"])
         assert torch.equal(flash, _transformers_mask(n, window)), (family, call["window_size"])
+
+
+class _Attention(torch.nn.Module):
+    """A stand-in attention module: its module has no eager function, so ours is used."""
+
+
+def _packed_reference(q, k, v, lengths, window=None, softcap=None):
+    """float64 attention one sequence at a time, [1, N, Hq, D] (scale 1/sqrt(D))."""
+    rep = q.shape[1] // k.shape[1]
+    outs, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        qs, ks, vs = q[0, :, sl], k[0, :, sl], v[0, :, sl]
+        scores = qs @ ks.repeat_interleave(rep, 0).transpose(-1, -2) / q.shape[-1] ** 0.5
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        i = torch.arange(n)
+        allowed = i[:, None] >= i[None, :]
+        if window is not None:
+            allowed &= (i[:, None] - i[None, :]) < window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append(scores.softmax(-1) @ vs.repeat_interleave(rep, 0))
+        start += n
+    return torch.cat(outs, dim=1).transpose(0, 1)[None]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_soft_capped_paths_match_a_float64_loop(window, monkeypatch):
+    """eager (masked and per sequence) and flex (forward: no CPU backward) with a cap."""
+    lengths = [3, 1, 7, 5]
+    cu = torch.tensor([0, 3, 4, 11, 16], dtype=torch.int32)
+    q = torch.randn(1, 4, 16, 8) * 3  # scores well past the cap
+    k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    ref = _packed_reference(q.double(), k.double(), v.double(), lengths, window, 1.5).float()
+    mask = A.VarlenMask(cu, max(lengths), num_tokens=16)
+    args = (q, k, v, mask, 0.0, None, window)
+    masked = A.eager_document(_Attention(), *args, softcap=1.5)
+    assert (masked - ref).abs().max() < 1e-5
+    with torch.no_grad():
+        flex = A.flex_document(*args, softcap=1.5)
+    assert (flex - ref).abs().max() < 1e-5
+    monkeypatch.setattr(A, "MASK_MAX_TOKENS", 0)
+    looped = A.eager_document(_Attention(), *args, softcap=1.5)
+    assert (looped - ref).abs().max() < 1e-5
+    windowed_sdpa = A.sdpa_per_sequence(q, k, v, mask, 0.0, None, window)
+    plain = _packed_reference(q.double(), k.double(), v.double(), lengths, window).float()
+    assert (windowed_sdpa - plain).abs().max() < 1e-5
+    # soft-capping arriving at a path that cannot do it is computed exactly, not dropped
+    mask.choice = A.AttentionChoice("sdpa", "test")
+    out, _ = A.varlen_attention_forward(
+        _Attention(), q, k, v, None, sliding_window=window, softcap=1.5, varlen_mask=mask
+    )
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_padded_forwards_of_soft_capped_families_fall_back_to_eager():
+    """Gemma2 refuses SDPA: padded forwards and generate() switch to eager instead."""
+    from fastrlhf.models import padded_attention
+
+    model = AutoModelForCausalLM.from_config(
+        make_config("gemma2"), attn_implementation=A.register_varlen_attention()
+    )
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    assert A.padded_impl(model) == "eager"
+    with padded_attention(model), torch.no_grad():
+        assert model.config._attn_implementation == "eager"
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+    assert out.shape == (2, 8)
+    assert model.config._attn_implementation == A.VARLEN_ATTENTION
+    llama = AutoModelForCausalLM.from_config(make_config("llama"))
+    assert A.padded_impl(llama) == "sdpa"
