@@ -29,9 +29,9 @@ Dropout is off while generating, so the recorded log-probs match an eval-mode fo
 Model interface: an HF causal LM (``get_decoder()`` + ``get_output_embeddings()``), or a
 wrapper (our ``PolicyModel``) exposing the HF model as ``.model`` and the head as
 ``.lm_head_weight`` / ``.lm_head_bias``. Only the decoder's ``past_key_values`` interface is
-used, so any HF decoder with full attention works; sliding-window layers are not tested.
-Post-head logit transforms of some HF heads (soft-capping, logit scales) are not applied:
-the log-probs follow the training pass, which does not apply them either.
+used, so any HF decoder works. The head's post-transform (soft-cap, logit scale; the
+wrapper's ``.head``, else ``fastrlhf.models.heads.head_transform``) is applied to the fp32
+logits before sampling, as the training pass applies it.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ class _PolicyParts:
     bias: torch.Tensor | None  # [V]
     hf_config: object
     hf_model: torch.nn.Module  # the HF causal LM (its attention implementation is switched)
+    head: object = None  # HeadTransform: the family's post-head logit transform
 
     @property
     def kv_dtype(self) -> torch.dtype | None:
@@ -210,7 +211,10 @@ def _policy_parts(model: torch.nn.Module) -> _PolicyParts:
     # left out of the softmax, as linear_token_logprobs(vocab_size=...) does in training.
     v = min(int(getattr(model, "vocab_size", None) or weight.shape[0]), weight.shape[0])
     bias = None if bias is None else bias[:v]
-    return _PolicyParts(decoder, weight[:v], bias, hf.config, hf)
+    from fastrlhf.models.heads import head_transform
+
+    head = getattr(model, "head", None) or head_transform(hf.config)
+    return _PolicyParts(decoder, weight[:v], bias, hf.config, hf, head)
 
 
 def _decode_attention(model: torch.nn.Module, parts: _PolicyParts):
@@ -324,7 +328,7 @@ def _decode(
     response_lp = torch.zeros(B, R, dtype=torch.float32, device=device)
     for t in range(R):
         token, lp = sample_next_token(
-            _logits_fp32(hidden, weight, bias),
+            parts.head.apply(_logits_fp32(hidden, weight, bias)),
             temperature=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,

@@ -150,21 +150,12 @@ def loss_index(batch: PackedBatch) -> LossIndex:
 def response_logprobs(policy, batch: PackedBatch, index: LossIndex) -> torch.Tensor:
     """float32 log p(label) at the n loss tokens [n], via the fused lm_head op: the [N, V]
     logits never exist, and prompt positions never reach the lm_head."""
-    from fastrlhf.ops import linear_token_logprobs
-
     hidden = policy(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
     h = hidden.index_select(0, index.positions)  # [n, H]
     labels = batch.labels.index_select(0, index.positions)  # [n]
-    weight = policy.lm_head_weight
-    bias = policy.lm_head_bias
-    if weight.dtype != h.dtype:  # autocast gave bf16 hidden states; fp32 master weights
-        weight = weight.to(h.dtype)
-        bias = bias.to(h.dtype) if bias is not None else None
-    # validate=False: no device sync for a label range check; a bad label gives NaN, which
-    # the loop's non-finite check turns into an error naming the step
-    return linear_token_logprobs(
-        h, weight, labels, bias=bias, vocab_size=policy.vocab_size, validate=False
-    )
+    # the policy's own head (post-head transform included; validate=False inside: a bad
+    # label gives NaN, which the loop's non-finite check turns into an error naming the step)
+    return policy.token_logprobs(h, labels)
 
 
 def sequence_sums(values: torch.Tensor, index: LossIndex, num_seqs: int) -> torch.Tensor:

@@ -140,21 +140,10 @@ def response_logprobs(
     """
     hidden = policy(exp.input_ids, exp.position_ids, exp.cu_seqlens, exp.max_seqlen)
     h = hidden.index_select(0, exp.positions)  # [R, H]
-    weight, bias = policy.lm_head_weight, policy.lm_head_bias
-    if weight.dtype != h.dtype:  # bf16 hidden states from autocast, fp32 master weights
-        weight = weight.to(h.dtype)
-        bias = bias.to(h.dtype) if bias is not None else None
-    kwargs = dict(return_entropy=entropy, vocab_size=policy.vocab_size)
-    if fused:
-        from fastrlhf.ops.linear_logprobs import linear_token_logprobs
-
-        out = linear_token_logprobs(
-            h, weight, exp.labels, bias, temperature, validate=False, **kwargs
-        )
-    else:
-        from fastrlhf.ops.reference.linear import linear_token_logprobs_ref
-
-        out = linear_token_logprobs_ref(h, weight, exp.labels, bias, temperature, **kwargs)
+    # the policy's own head, post-head transform (soft-cap, logit scale) included
+    out = policy.token_logprobs(
+        h, exp.labels, temperature, return_entropy=entropy, reference=not fused
+    )
     return out if entropy else (out, None)
 
 
