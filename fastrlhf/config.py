@@ -53,6 +53,9 @@ class ModelConfig:
     attention: Literal["auto", "flash_attn", "torch_varlen", "flex", "sdpa", "eager"] = "auto"
     # num_splits=1 in the varlen kernels: bitwise batch-invariant attention, lower throughput
     attention_batch_invariant: bool = False
+    # at load, compare the trainer's log-probs with the HF model's own logits on a few
+    # tokens and refuse a mismatch (an unknown post-head transform); false skips it
+    logit_probe: bool = True
     # seed of the embedded model's random initialisation
     embedded_seed: int = 0
 

@@ -226,14 +226,17 @@ def load_policy(
     attn_impl: str = "auto",
     attention: str = "auto",
     batch_invariant_attention: bool = False,
+    logit_probe: bool = True,
 ) -> PolicyModel:
     """Load a causal LM (local dir or hub id) as a ``PolicyModel``.
 
     dtype None means bf16 on CUDA and fp32 on CPU. ``attn_impl`` "auto" uses our packed
     attention, by the path ``attention`` names ("auto": see ``choose_attention``;
     ``batch_invariant_attention``: num_splits=1 for torch_varlen); other ``attn_impl``
-    values go to transformers unchanged. A directory written by ``save_pretrained`` of a LoRA
-    policy (adapter only) loads its base model and attaches the saved, trainable adapter.
+    values go to transformers unchanged. ``logit_probe`` compares the wrapper's log-probs
+    with the model's own forward on a few tokens and refuses a mismatch (models.probe).
+    A directory written by ``save_pretrained`` of a LoRA policy (adapter only) loads its
+    base model and attaches the saved, trainable adapter.
     """
     from peft import PeftModel
 
@@ -267,4 +270,9 @@ def load_policy(
     elif lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
     vocab = tokenizer_vocab_size(tokenizer, model.config)
-    return PolicyModel(model, vocab_size=vocab, tokenizer=tokenizer)
+    policy = PolicyModel(model, vocab_size=vocab, tokenizer=tokenizer)
+    if logit_probe:
+        from fastrlhf.models.probe import check_logits
+
+        check_logits(policy)
+    return policy
