@@ -48,6 +48,15 @@ class ModelConfig:
     lora_target_modules: list[str] | None = None
     gradient_checkpointing: bool = False
     attn_impl: str = "auto"
+    # the packed-attention path when attn_impl is "auto" (fastrlhf.models.attention):
+    # "auto" picks per model and device; an explicit path that cannot serve the model
+    # (e.g. torch_varlen on a soft-capped one, anything but sdpa/eager on CPU) is refused
+    attention: Literal["auto", "flash_attn", "torch_varlen", "flex", "sdpa", "eager"] = "auto"
+    # num_splits=1 in the varlen kernels: bitwise batch-invariant attention, lower throughput
+    attention_batch_invariant: bool = False
+    # at load, compare the trainer's log-probs with the HF model's own logits on a few
+    # tokens and refuse a mismatch (an unknown post-head transform); false skips it
+    logit_probe: bool = True
     # seed of the embedded model's random initialisation
     embedded_seed: int = 0
 

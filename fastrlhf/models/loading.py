@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.models.attention import VARLEN_ATTENTION, VarlenMask, resolve_attn_impl
+from fastrlhf.models.attention import (
+    VARLEN_ATTENTION,
+    VarlenMask,
+    attention_choice,
+    configure_attention,
+    resolve_attn_impl,
+)
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -101,7 +107,9 @@ def packed_hidden(
     kwargs: dict = {}
     if impl == VARLEN_ATTENTION:
         # one mask object per forward, shared (and its masks cached) across layers
-        kwargs["varlen_mask"] = VarlenMask(cu_seqlens, int(max_seqlen))
+        kwargs["varlen_mask"] = VarlenMask(
+            cu_seqlens, int(max_seqlen), choice=attention_choice(decoder)
+        )
     elif impl is not None and impl.startswith("flash_attention"):
         # transformers' own flash path reads these names
         kwargs.update(
@@ -128,6 +136,8 @@ def load_backbone(
     device: torch.device | str,
     trust_remote_code: bool,
     attn_impl: str,
+    attention: str = "auto",
+    batch_invariant_attention: bool = False,
 ):
     """``AutoModelForCausalLM`` (causal_lm=True) or ``AutoModel`` from a checkpoint."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -140,7 +150,21 @@ def load_backbone(
         attn_implementation=resolve_attn_impl(attn_impl),
     )
     model.config.use_cache = False  # training forward; generation passes use_cache itself
-    return model.to(device)
+    return setup_attention(model.to(device), attention, batch_invariant_attention)
+
+
+def setup_attention(model, attention: str = "auto", batch_invariant: bool = False):
+    """Pick the packed-attention path of ``model`` (see models.attention); ``attention``
+    other than "auto" needs our packed attention (attn_impl "auto")."""
+    if model.config._attn_implementation == VARLEN_ATTENTION:
+        configure_attention(model, attention, batch_invariant=batch_invariant)
+    elif attention != "auto":
+        raise ValueError(
+            f"model.attention={attention!r} selects a path of fastrlhf's packed attention, "
+            f"but attn_impl={model.config._attn_implementation!r} hands attention to "
+            "transformers; set attn_impl=auto"
+        )
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastrlhf.models.attention import padded_attention
+from fastrlhf.models.heads import HeadTransform, head_transform
 from fastrlhf.models.loading import (
     enable_gradient_checkpointing,
     is_adapter_dir,
@@ -46,6 +47,9 @@ class PolicyModel(torch.nn.Module):
         self.model = model  # the HF CausalLM, or a peft PeftModel wrapping it
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size if vocab_size is not None else self.config.vocab_size)
+        # the family's post-head transform (soft-cap, logit scale), applied wherever the
+        # trainer turns hidden states into logits or log-probs
+        self.head: HeadTransform = head_transform(self.config)
 
     @property
     def has_lora(self) -> bool:
@@ -86,10 +90,69 @@ class PolicyModel(torch.nn.Module):
         return packed_hidden(self.decoder, input_ids, position_ids, cu_seqlens, max_seqlen)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, V_head] logits from hidden states: the unfused path (tests, small batches)."""
-        return torch.nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias)
+        """[N, V_head] logits as the HF model's forward returns them (post-head transform
+        included): the unfused path (tests, small batches, soft-capped heads)."""
+        logits = torch.nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias)
+        return self.head.apply(logits)
 
-    def padded_attention(self, impl: str = "sdpa") -> contextlib.AbstractContextManager:
+    def token_logprobs(
+        self,
+        hidden: torch.Tensor,  # [n, H]
+        labels: torch.Tensor,  # [n]
+        temperature: float = 1.0,
+        *,
+        return_entropy: bool = False,
+        reference: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """log p(label) [n] float32 (and the entropy) under the model's own head, post-head
+        transform included; ``reference`` uses the float64-capable PyTorch reference.
+
+        No transform: ``linear_token_logprobs`` (the [n, V] logits never exist). A logit
+        scale only: the same fused op on ``scale * hidden`` and ``scale * bias`` (exact:
+        ``(s h) W^T + s b = s (h W^T + b)``). A soft-cap: the fused op when it takes
+        ``softcap=``, else the logits are materialized ([n, V] float32) and go through
+        ``token_logprobs``: exact, at the memory cost of the logits.
+        """
+        from fastrlhf.ops import linear_token_logprobs, token_logprobs
+
+        weight, bias = self.lm_head_weight, self.lm_head_bias
+        if weight.dtype != hidden.dtype:  # bf16 hidden states from autocast, fp32 weights
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
+        # keyword arguments, defaults left out: callers (tests) may stand in a narrower op
+        kwargs: dict = dict(bias=bias, vocab_size=self.vocab_size, validate=False)
+        if temperature != 1.0:
+            kwargs["temperature"] = temperature
+        if return_entropy:
+            kwargs["return_entropy"] = True
+        t = self.head
+        if reference:
+            from fastrlhf.ops.reference.logprobs import token_logprobs_ref
+
+            logits = self._logits_at_least_fp32(hidden, weight, bias)  # [n, V]
+            return token_logprobs_ref(
+                logits, labels, temperature, return_entropy=return_entropy,
+                vocab_size=self.vocab_size,
+            )  # fmt: skip
+        if t.softcap is None:
+            if t.scale != 1.0:
+                hidden = hidden * t.scale
+                kwargs["bias"] = bias * t.scale if bias is not None else None
+            return linear_token_logprobs(hidden, weight, labels, **kwargs)
+        if _fused_takes_softcap():
+            return linear_token_logprobs(
+                hidden, weight, labels, softcap=t.softcap, logit_scale=t.scale, **kwargs
+            )
+        logits = self._logits_at_least_fp32(hidden, weight, kwargs.pop("bias"))  # [n, V]
+        return token_logprobs(logits, labels, **kwargs)
+
+    def _logits_at_least_fp32(self, hidden, weight, bias) -> torch.Tensor:
+        """Transformed logits [n, V] in float32 (float64 for float64 inputs): the cap's
+        tanh in bf16 would round the log-probs by ~|logit| * 2^-8."""
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return self.head.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+    def padded_attention(self, impl: str | None = None) -> contextlib.AbstractContextManager:
         """Context for padded forwards and ``generate()`` (see models.attention)."""
         return padded_attention(self.causal_lm, impl)
 
@@ -117,6 +180,16 @@ class PolicyModel(torch.nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
         return out
+
+
+def _fused_takes_softcap() -> bool:
+    """Whether ``ops.linear_token_logprobs`` applies soft-capping itself (``softcap=``)."""
+    import inspect
+
+    from fastrlhf.ops import linear_token_logprobs
+
+    params = inspect.signature(linear_token_logprobs).parameters
+    return "softcap" in params and "logit_scale" in params
 
 
 def _lora_wrap(
@@ -151,13 +224,19 @@ def load_policy(
     lora_target_modules: Sequence[str] | None = None,
     gradient_checkpointing: bool = False,
     attn_impl: str = "auto",
+    attention: str = "auto",
+    batch_invariant_attention: bool = False,
+    logit_probe: bool = True,
 ) -> PolicyModel:
     """Load a causal LM (local dir or hub id) as a ``PolicyModel``.
 
     dtype None means bf16 on CUDA and fp32 on CPU. ``attn_impl`` "auto" uses our packed
-    attention (flash-attn varlen where installed, masked SDPA otherwise); other values
-    go to transformers unchanged. A directory written by ``save_pretrained`` of a LoRA
-    policy (adapter only) loads its base model and attaches the saved, trainable adapter.
+    attention, by the path ``attention`` names ("auto": see ``choose_attention``;
+    ``batch_invariant_attention``: num_splits=1 for torch_varlen); other ``attn_impl``
+    values go to transformers unchanged. ``logit_probe`` compares the wrapper's log-probs
+    with the model's own forward on a few tokens and refuses a mismatch (models.probe).
+    A directory written by ``save_pretrained`` of a LoRA policy (adapter only) loads its
+    base model and attaches the saved, trainable adapter.
     """
     from peft import PeftModel
 
@@ -174,6 +253,8 @@ def load_policy(
         device=device,
         trust_remote_code=trust_remote_code,
         attn_impl=attn_impl,
+        attention=attention,
+        batch_invariant_attention=batch_invariant_attention,
     )
     tokenizer = load_tokenizer(adapter_dir or name_or_path, trust_remote_code)
     if gradient_checkpointing:
@@ -189,4 +270,9 @@ def load_policy(
     elif lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
     vocab = tokenizer_vocab_size(tokenizer, model.config)
-    return PolicyModel(model, vocab_size=vocab, tokenizer=tokenizer)
+    policy = PolicyModel(model, vocab_size=vocab, tokenizer=tokenizer)
+    if logit_probe:
+        from fastrlhf.models.probe import check_logits
+
+        check_logits(policy)
+    return policy

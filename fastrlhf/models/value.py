@@ -32,6 +32,7 @@ from fastrlhf.models.loading import (
     load_tokenizer,
     packed_hidden,
     resolve_dtype,
+    setup_attention,
 )
 
 HEAD_FILE = "score.safetensors"
@@ -76,7 +77,7 @@ class ValueModel(torch.nn.Module):
         hidden = packed_hidden(self.backbone, input_ids, position_ids, cu_seqlens, max_seqlen)
         return self.score(hidden.float()).squeeze(-1)  # [N]
 
-    def padded_attention(self, impl: str = "sdpa") -> contextlib.AbstractContextManager:
+    def padded_attention(self, impl: str | None = None) -> contextlib.AbstractContextManager:
         """Context for padded forwards of the backbone (see models.attention)."""
         return padded_attention(self.backbone, impl)
 
@@ -117,6 +118,8 @@ class ValueModel(torch.nn.Module):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         attn_impl: str = "auto",
+        attention: str = "auto",
+        batch_invariant_attention: bool = False,
     ) -> ValueModel:
         """Load a directory written by ``ValueModel.save_pretrained``."""
         from safetensors.torch import load_file
@@ -135,6 +138,8 @@ class ValueModel(torch.nn.Module):
             device=device,
             trust_remote_code=trust_remote_code,
             attn_impl=attn_impl,
+            attention=attention,
+            batch_invariant_attention=batch_invariant_attention,
         )
         if gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
@@ -159,6 +164,8 @@ def load_value_model(
     gradient_checkpointing: bool = False,
     attn_impl: str = "auto",
     seed: int | None = None,
+    attention: str = "auto",
+    batch_invariant_attention: bool = False,
 ) -> ValueModel:
     """A saved ValueModel, or a new one on a causal-LM checkpoint's backbone.
 
@@ -176,6 +183,8 @@ def load_value_model(
             trust_remote_code=trust_remote_code,
             gradient_checkpointing=gradient_checkpointing,
             attn_impl=attn_impl,
+            attention=attention,
+            batch_invariant_attention=batch_invariant_attention,
         )
     torch_dtype = resolve_dtype(dtype, device)
     if init_from_policy:
@@ -186,6 +195,8 @@ def load_value_model(
             device=device,
             trust_remote_code=trust_remote_code,
             attn_impl=attn_impl,
+            attention=attention,
+            batch_invariant_attention=batch_invariant_attention,
         )
     else:
         from fastrlhf.models.attention import resolve_attn_impl
@@ -197,6 +208,7 @@ def load_value_model(
             trust_remote_code=trust_remote_code,
             attn_implementation=resolve_attn_impl(attn_impl),
         ).to(device)
+        setup_attention(backbone, attention, batch_invariant_attention)
     if gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     with torch.random.fork_rng(devices=[]):

@@ -121,10 +121,23 @@ class StepSpec:
     keyed: bool  # keyed uniforms; else Exp(1) noise from the state (unless greedy)
     pad_token_id: int
     eos: tuple[int, ...]
+    # the family's post-head transform (models.heads.HeadTransform: scale, then soft-cap),
+    # applied to the fp32 logits as training applies it
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
     @property
     def uses_noise(self) -> bool:
         return not self.greedy and not self.keyed
+
+    def head_logits(self, hidden, weight, bias) -> torch.Tensor:
+        """fp32 logits of the policy's head, post-head transform included."""
+        logits = logits_fp32(hidden, weight, bias)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class DecodeState:
@@ -205,7 +218,7 @@ def decode_step(
     t = st.t + 1
     uniforms = keyed_uniform_at(st.keys, t) if spec.keyed and not spec.greedy else None
     token, logprob = draw_tokens(
-        logits_fp32(hidden, weight, bias),
+        spec.head_logits(hidden, weight, bias),
         spec.temperature,
         spec.top_k,
         spec.top_p,

@@ -29,9 +29,9 @@ Dropout is off while generating, so the recorded log-probs match an eval-mode fo
 Model interface: an HF causal LM (``get_decoder()`` + ``get_output_embeddings()``), or a
 wrapper (our ``PolicyModel``) exposing the HF model as ``.model`` and the head as
 ``.lm_head_weight`` / ``.lm_head_bias``. Only the decoder's ``past_key_values`` interface is
-used, so any HF decoder with full attention works; sliding-window layers are not tested.
-Post-head logit transforms of some HF heads (soft-capping, logit scales) are not applied:
-the log-probs follow the training pass, which does not apply them either.
+used, so any HF decoder works. The head's post-transform (soft-cap, logit scale; the
+wrapper's ``.head``, else ``fastrlhf.models.heads.head_transform``) is applied to the fp32
+logits before sampling, as the training pass applies it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from fastrlhf.rollout.decode import (
     StepSpec,
     bucket_rows,
     check_compile_setting,
-    logits_fp32,
     record_token,
     resolve_compile,
 )
@@ -193,6 +192,7 @@ class _PolicyParts:
     bias: torch.Tensor | None  # [V]
     hf_config: object
     hf_model: torch.nn.Module  # the HF causal LM (its attention implementation is switched)
+    head: object = None  # HeadTransform: the family's post-head logit transform
 
     @property
     def kv_dtype(self) -> torch.dtype | None:
@@ -222,7 +222,10 @@ def _policy_parts(model: torch.nn.Module) -> _PolicyParts:
     # left out of the softmax, as linear_token_logprobs(vocab_size=...) does in training.
     v = min(int(getattr(model, "vocab_size", None) or weight.shape[0]), weight.shape[0])
     bias = None if bias is None else bias[:v]
-    return _PolicyParts(decoder, weight[:v], bias, hf.config, hf)
+    from fastrlhf.models.heads import head_transform
+
+    head = getattr(model, "head", None) or head_transform(hf.config)
+    return _PolicyParts(decoder, weight[:v], bias, hf.config, hf, head)
 
 
 def _decode_attention(model: torch.nn.Module, parts: _PolicyParts):
@@ -303,6 +306,8 @@ def _decode(
         keyed=sample_keys is not None,
         pad_token_id=int(config.pad_token_id),
         eos=_as_tuple(config.eos_token_id),
+        logit_scale=float(parts.head.scale),
+        softcap=None if parts.head.softcap is None else float(parts.head.softcap),
     )
 
     # Left-padded canvas [Bb, P]: prompt flush right, responses follow in columns P...
@@ -345,7 +350,7 @@ def _decode(
     if noise is not None:
         noise.exponential_(1.0, generator=generator)
     token, lp = draw_tokens(
-        logits_fp32(hidden, weight, parts.bias),
+        spec.head_logits(hidden, weight, parts.bias),
         spec.temperature,
         spec.top_k,
         spec.top_p,

@@ -54,6 +54,9 @@ def load_policy_for(cfg: RunConfig, name_or_path: str, device: torch.device, *, 
         lora_target_modules=m.lora_target_modules,
         gradient_checkpointing=m.gradient_checkpointing and trainable,
         attn_impl=m.attn_impl,
+        attention=m.attention,
+        batch_invariant_attention=m.attention_batch_invariant,
+        logit_probe=m.logit_probe,
     )
     if policy.tokenizer is None:
         raise ValueError(f"model.name_or_path={name_or_path!r} ships no tokenizer")

@@ -57,22 +57,12 @@ def response_logprobs(
     """
     hidden = policy(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
     h = hidden.index_select(0, index.positions)  # [R, H]
-    weight, bias = policy.lm_head_weight, policy.lm_head_bias
-    if weight.dtype != h.dtype:  # autocast gave bf16 hidden states; fp32 master weights
-        weight = weight.to(h.dtype)
-        bias = bias.to(h.dtype) if bias is not None else None
-    kwargs = dict(return_entropy=entropy, vocab_size=policy.vocab_size)
-    if fused:
-        from fastrlhf.ops.linear_logprobs import linear_token_logprobs
-
-        # validate=False: no device sync for a label range check; a bad label gives NaN,
-        # which the non-finite check turns into an error naming the step
-        return linear_token_logprobs(
-            h, weight, index.labels, bias, temperature, validate=False, **kwargs
-        )
-    from fastrlhf.ops.reference.linear import linear_token_logprobs_ref
-
-    return linear_token_logprobs_ref(h, weight, index.labels, bias, temperature, **kwargs)
+    # the policy's own head, post-head transform (soft-cap, logit scale) included;
+    # validate=False inside: a bad label gives NaN, which the non-finite check turns into
+    # an error naming the step
+    return policy.token_logprobs(
+        h, index.labels, temperature, return_entropy=entropy, reference=not fused
+    )
 
 
 def sequence_sums(values: torch.Tensor, index: LossIndex, num_seqs: int) -> torch.Tensor:

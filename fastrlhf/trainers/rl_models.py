@@ -66,6 +66,8 @@ def load_models(cfg: RunConfig, ppo: PPOConfig, device: torch.device) -> RLModel
         device=device,
         trust_remote_code=m.trust_remote_code,
         attn_impl=m.attn_impl,
+        attention=m.attention,
+        batch_invariant_attention=m.attention_batch_invariant,
     )
     if ppo.reward_model is not None:
         models.reward_model = frozen(load_value_model(ppo.reward_model, **value_kwargs))

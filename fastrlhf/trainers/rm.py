@@ -97,6 +97,8 @@ class RMStage(SupervisedStage):
             trust_remote_code=m.trust_remote_code,
             gradient_checkpointing=m.gradient_checkpointing,
             attn_impl=m.attn_impl,
+            attention=m.attention,
+            batch_invariant_attention=m.attention_batch_invariant,
             seed=cfg.seed,
         )
         if self.model.tokenizer is None:
