@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
-import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -46,9 +45,9 @@ import torch
 
 from fastrlhf.checkpoint import (
     atomic_write_dir_all_ranks,
-    checkpoint_dirs,
-    latest_checkpoint,
     load_checkpoint,
+    refuse_stale_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
     seed_rank,
 )
@@ -399,9 +398,9 @@ def restore_or_reset(
     ranks > 0 their own random streams (the model init, done before, is the same on all
     ranks): (0, {})."""
     ckpt_root = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if resume else None
+    latest = resume_checkpoint(ckpt_root, ctx) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, module, optimizers, seed=seed, ctx=ctx)
+        state = load_checkpoint(latest, module, optimizers, seed=seed, ctx=ctx, verify=False)
         start = int(state["step"])
         if ctx.is_main:
             truncate_after(run_dir / "metrics.jsonl", start)
@@ -411,12 +410,8 @@ def restore_or_reset(
     if resume and ctx.is_main:
         print(f"[{name}] --resume: no checkpoint in {ckpt_root}, starting fresh")
     # a fresh run owns its run dir: stale checkpoints would outrank (and, when pruning,
-    # evict) the new ones, and stale metrics would mix into its curves
-    old = checkpoint_dirs(ckpt_root)
-    if old and ctx.is_main:
-        print(f"[{name}] fresh run: removing {len(old)} old checkpoint(s) in {ckpt_root}")
-        for path in old:
-            shutil.rmtree(path)
+    # evict) the new ones; they are never deleted silently (--overwrite does, in the CLI)
+    refuse_stale_checkpoints(ckpt_root)
     if ctx.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     else:
