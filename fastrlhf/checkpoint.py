@@ -356,37 +356,40 @@ def resume_checkpoint(root: str | Path, ctx: DistContext | None = None) -> Path 
     """The newest checkpoint under ``root`` that verifies (None when there is none at
     all); every rank gets the same answer.
 
-    Rank 0 verifies, newest first. A checkpoint that fails is reported in one warning
-    line naming it and the file, moved aside to ``rejected-step_XXXXXXXX`` (so no later
-    save or pruning ever deletes it) and the previous one is tried. If checkpoints
-    exist but none verifies, ``CheckpointError``."""
+    Rank 0 verifies, newest first. When an older one verifies, each newer one that failed
+    gets one warning line naming it and the file, and is moved aside to
+    ``rejected-step_XXXXXXXX`` (so no later save or pruning ever deletes it). When none
+    verifies nothing is moved and ``CheckpointError`` names the newest failure."""
     from fastrlhf.distributed.context import global_max
 
     ctx = ctx or _single()
     root = Path(root)
-    chosen, failure = -1, ""
+    chosen, failures = -1, []
     if ctx.is_main:
         dirs = checkpoint_dirs(root)
         for ckpt in reversed(dirs):
             try:
-                if not verify_checkpoint(ckpt):
-                    print(_legacy_note(ckpt))
-                chosen = int(ckpt.name.removeprefix("step_"))
-                break
+                legacy = not verify_checkpoint(ckpt)
             except CheckpointError as e:
-                failure = failure or str(e)
-                aside = _set_aside(ckpt)
+                failures.append((ckpt, e))
+                continue
+            for bad, e in failures:
+                aside = _set_aside(bad)
                 print(
-                    f"warning: skipping checkpoint {ckpt.name}: {e}; kept as {aside.name}",
+                    f"warning: skipping checkpoint {bad.name}: {e}; kept as {aside.name}",
                     file=sys.stderr,
                 )
+            if legacy:
+                print(_legacy_note(ckpt))
+            chosen = int(ckpt.name.removeprefix("step_"))
+            break
         if dirs and chosen < 0:
             chosen = -2
     chosen = global_max(chosen, ctx)  # rank 0's answer (the others offer -1 < it)
     if chosen == -2:
+        newest = f"{failures[0][1]}" if failures else "see rank 0"
         raise CheckpointError(
-            f"no checkpoint in {root} verifies (newest failure: {failure or 'see rank 0'}); "
-            f"the rejected ones are kept as {REJECTED_PREFIX}step_*"
+            f"--resume: none of the checkpoints in {root} verifies; newest failure: {newest}"
         )
     return root / f"step_{chosen:08d}" if chosen >= 0 else None
 
