@@ -1,8 +1,10 @@
 """Command line: ``fastrlhf sft|rm|dpo|ppo|grpo --config FILE [--resume] [key.sub=value ...]`` and
 ``fastrlhf demo [--config FILE] [section.key=value ...]`` (also ``python -m fastrlhf``).
 
-Configuration errors (unknown key, bad value, missing file) print one line naming the
-key (and file:line) and exit with status 2; a non-finite loss exits with status 1.
+User errors (config key or value, model, data, checkpoint, run dir, permissions, full
+disk) print one line naming the key or file and exit with status 2 (``--debug`` or
+FASTRLHF_DEBUG=1: with the traceback); a non-finite loss exits with status 1. A fresh run
+refuses a non-empty run dir: ``--resume`` continues it, ``--overwrite`` starts over.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fastrlhf.config import ConfigError, load_config
+from fastrlhf.errors import run_reporting_errors
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
@@ -28,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="SFT -> reward model -> PPO, DPO and GRPO on the embedded task")
     d.add_argument("--config", "-c", help="demo YAML file (default: examples/demo.yaml)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    for s in sub.choices.values():
+        s.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start over in a run dir that holds an earlier run (removes its outputs)",
+        )
+        s.add_argument(
+            "--debug", action="store_true", help="show tracebacks (also FASTRLHF_DEBUG=1)"
+        )
     return p
 
 
@@ -43,29 +55,44 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_transformers()
     try:
-        if args.command == "demo":
-            from fastrlhf.demo import run_demo
-
-            run_demo(args.config or default_demo_config(), args.overrides)
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if cfg.stage != args.command:
-            # the file names another stage: running it as this one would be a silent mix-up
-            if args.config is not None and _file_sets_stage(args.config):
-                raise ConfigError(
-                    f"stage: {args.config} is a {cfg.stage!r} config, not {args.command!r}"
-                )
-            cfg = load_config(args.config, args.overrides + [f"stage={args.command}"])
-        from fastrlhf.trainers import run_stage
-
-        result = run_stage(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"fastrlhf: config error: {e}", file=sys.stderr)
-        return 2
+        return run_reporting_errors(
+            lambda: _run(args), debug=args.debug, user_errors=(ConfigError,)
+        )
     except FloatingPointError as e:
         print(f"fastrlhf: {e}", file=sys.stderr)
         return 1
-    if result.final_dir is not None and os.environ.get("RANK", "0") == "0":  # torchrun: once
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fastrlhf.checkpoint import claim_run_dir
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone removes
+    if args.command == "demo":
+        from fastrlhf.config import load_demo_config
+        from fastrlhf.demo import run_demo
+
+        path = args.config or default_demo_config()
+        _, configs = load_demo_config(path, args.overrides)
+        for c in configs.values():
+            claim_run_dir(c.run_dir, resume=False, overwrite=args.overwrite, main=main_rank)
+        run_demo(path, args.overrides)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if cfg.stage != args.command:
+        # the file names another stage: running it as this one would be a silent mix-up
+        if args.config is not None and _file_sets_stage(args.config):
+            raise ConfigError(
+                f"stage: {args.config} is a {cfg.stage!r} config, not {args.command!r}"
+            )
+        cfg = load_config(args.config, args.overrides + [f"stage={args.command}"])
+    ignore = (args.config,) if args.config else ()
+    claim_run_dir(
+        cfg.run_dir, resume=args.resume, overwrite=args.overwrite, ignore=ignore, main=main_rank
+    )
+    from fastrlhf.trainers import run_stage
+
+    result = run_stage(cfg, resume=args.resume)
+    if result.final_dir is not None and main_rank:  # torchrun: once
         print(f"[{cfg.stage}] final model: {result.final_dir}")
     return 0
 

@@ -15,10 +15,12 @@ response -> tokenizer(response, no specials) + EOS. Message lists go through the
 tokenizer's chat template (a plain "Role: content" layout when it has none); with
 ``chat_template="always"`` text prompts are wrapped as one user message first.
 
-Malformed rows (missing keys, non-string content, empty responses, chosen == rejected,
-unsplittable transcripts) are reported with their file and line; ``on_malformed``
-"skip" drops them and logs one warning with the count and the first examples,
-"error" raises ``MalformedRecordError`` at the first one. Never silently.
+Malformed rows (unparseable lines, missing keys, non-string content, empty responses,
+chosen == rejected before or after tokenization, unsplittable transcripts) are reported
+with their file and line; ``on_malformed`` "skip" drops them and logs one warning with
+the counts per reason (and, with ``DataSettings.malformed_file``, appends every one as
+{"where", "kind", "reason"} to that JSONL file), "error" raises ``MalformedRecordError``
+at the first one. A source with no usable row at all is a ``DataError``. Never silently.
 
 Truncation: prompts longer than ``max_prompt_length`` lose tokens on the
 ``truncation`` side ("left" keeps the end of the prompt, next to the response, and
@@ -27,14 +29,18 @@ the leading BOS); responses are cut to fit ``max_length`` on ``response_truncati
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastrlhf.data.batch import PreferencePair, PromptItem, TokenizedSeq
-from fastrlhf.data.loading import LOC_KEY, MalformedRecordError
+from fastrlhf.data.loading import LOC_KEY, MALFORMED_KEY, MalformedRecordError
+from fastrlhf.errors import DataError
 
 logger = logging.getLogger("fastrlhf.data")
 
@@ -56,6 +62,9 @@ class DataSettings:
     rejected_key: str = "rejected"
     messages_key: str = "messages"
     answer_key: str = "answer"
+    # every skipped row is appended here as JSON (<run_dir>/malformed.jsonl); None: only
+    # the warning
+    malformed_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("truncation", "response_truncation"):
@@ -80,30 +89,65 @@ class _Malformed(Exception):
 
 @dataclass
 class MalformedReport:
-    """Bad rows seen while tokenizing: ``problems`` holds "file:line: reason" strings."""
+    """Bad rows seen while tokenizing: ``problems`` holds (where, reason) pairs."""
 
     kind: str
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, record: dict, reason: str, on_malformed: str) -> None:
         where = record.get(LOC_KEY, "<unknown location>")
-        msg = f"{where}: {reason}"
         if on_malformed == "error":
-            raise MalformedRecordError(f"malformed {self.kind} record at {msg}")
-        self.problems.append(msg)
+            raise MalformedRecordError(f"malformed {self.kind} record at {where}: {reason}")
+        self.problems.append((str(where), reason))
 
-    def log(self, total: int) -> None:
-        if self.problems:
-            shown = "\n  ".join(self.problems[:5])
-            more = f"\n  ... and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
-            logger.warning(
-                "skipped %d of %d malformed %s records:\n  %s%s",
-                len(self.problems),
-                total,
-                self.kind,
-                shown,
-                more,
-            )
+    def counts(self) -> Counter:
+        """Problems per reason, with the specifics (quoted names kept) as the reason."""
+        return Counter(_reason_class(r) for _, r in self.problems)
+
+    def log(self, total: int, malformed_file: str | None = None) -> None:
+        if not self.problems:
+            return
+        reasons = "; ".join(f"{n} x {r}" for r, n in self.counts().most_common())
+        if malformed_file:
+            self._append(malformed_file)
+            where = f"every row in {malformed_file}"
+        else:
+            shown = ", ".join(w for w, _ in self.problems[:5])
+            where = f"first rows: {shown}" + (", ..." if len(self.problems) > 5 else "")
+        logger.warning(
+            "skipped %d of %d %s records: %s (%s)",
+            len(self.problems),
+            total,
+            self.kind,
+            reasons,
+            where,
+        )
+
+    def _append(self, path: str) -> None:
+        """Append every problem once (a resumed run re-tokenizes the same rows)."""
+        if os.environ.get("RANK", "0") != "0":  # torchrun: every rank sees the same rows
+            return
+        target = os.path.abspath(path)
+        seen = set()
+        if os.path.isfile(target):
+            with open(target, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        seen.add((row["where"], row["kind"], row["reason"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a", encoding="utf-8") as f:
+            for where, reason in self.problems:
+                if (where, self.kind, reason) not in seen:
+                    row = {"where": where, "kind": self.kind, "reason": reason}
+                    f.write(json.dumps(row) + "\n")
+
+
+def _reason_class(reason: str) -> str:
+    # "not a JSON object (Expecting value: line 1 column 2 (char 1))" -> "not a JSON object"
+    return re.sub(r"\s*\(.*\)$", "", reason)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -222,10 +266,16 @@ def _run(records: Iterable[dict], kind: str, cfg: DataSettings, fn) -> list:
         try:
             if not isinstance(record, dict):
                 raise _Malformed(f"a record must be a dict, got {type(record).__name__}")
+            if MALFORMED_KEY in record:  # an unparseable line, kept by load_records
+                raise _Malformed(str(record[MALFORMED_KEY]))
             out.append(fn(record))
         except _Malformed as e:
             report.add(record if isinstance(record, dict) else {}, str(e), cfg.on_malformed)
-    report.log(total)
+    report.log(total, cfg.malformed_file)
+    if total and not out:
+        first = report.problems[0][0] if report.problems else "?"
+        reasons = "; ".join(f"{n} x {r}" for r, n in report.counts().most_common(3))
+        raise DataError(f"no usable {kind} record among {total} (first: {first}; {reasons})")
     return out
 
 
@@ -296,12 +346,11 @@ def tokenize_preferences(
             r_ids = _response_ids(tokenizer, r_text, cfg)
         prompt = _truncate_prompt(prompt, cfg, bos)
         budget = cfg.max_length - len(prompt)
-        return PreferencePair(
-            prompt,
-            _truncate_response(c_ids, budget, cfg),
-            _truncate_response(r_ids, budget, cfg),
-            _meta(r),
-        )
+        c_ids = _truncate_response(c_ids, budget, cfg)
+        r_ids = _truncate_response(r_ids, budget, cfg)
+        if c_ids == r_ids:  # nothing to prefer: the pair would only add noise
+            raise _Malformed("chosen == rejected after tokenization and truncation")
+        return PreferencePair(prompt, c_ids, r_ids, _meta(r))
 
     return _run(records, "preference", cfg, one)
 

@@ -6,8 +6,8 @@ A sharded checkpoint is a directory
     <dir>/dcp/              DCP files: every rank writes its own shards of the model and
                             optimizer state plus global metadata (a shared filesystem is
                             assumed across nodes)
-    <dir>/extra_state.pt    rank 0's ``extra_state`` (step, scheduler, data position...):
-                            tensors, numbers and strings, read with weights_only=True
+    <dir>/extra_state.json  rank 0's ``extra_state`` (step, scheduler, data position...):
+                            tensors, numbers and strings as JSON (``fastrlhf.integrity``)
 
 State dicts go through ``torch.distributed.checkpoint.state_dict`` (get_state_dict /
 set_state_dict): parameters and optimizer states are keyed by parameter NAME, not by
@@ -44,9 +44,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fastrlhf.checkpoint import atomic_write_dir_all_ranks
 from fastrlhf.distributed.context import DistContext, barrier
+from fastrlhf.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, SafeSavePlanner
+from fastrlhf.errors import CheckpointError, CheckpointNotFoundError
+from fastrlhf.integrity import load_state_json, save_state_json
 
 DCP_DIR = "dcp"
-EXTRA_FILE = "extra_state.pt"
+EXTRA_FILE = "extra_state.json"
 
 
 @contextlib.contextmanager
@@ -87,7 +90,12 @@ def write_sharded(
     own: callers write into a temporary directory and publish it. Every rank calls it."""
     state = _dcp_state(model, _as_list(optimizers))
     with _single_process_dcp(ctx):
-        dcp.save(state, checkpoint_id=str(directory), no_dist=not ctx.distributed)
+        dcp.save(
+            state,
+            checkpoint_id=str(directory),
+            planner=SafeSavePlanner(),
+            no_dist=not ctx.distributed,
+        )
 
 
 def read_sharded(
@@ -100,15 +108,25 @@ def read_sharded(
     world size. Every rank calls it."""
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
-        raise FileNotFoundError(f"{directory} is not a DCP checkpoint (no .metadata file)")
+        raise CheckpointNotFoundError(f"{directory} is not a DCP checkpoint (no .metadata file)")
     optimizers = _as_list(optimizers)
     state = _dcp_state(model, optimizers)
+    reader = SafeFileSystemReader(directory)
     try:
         with _single_process_dcp(ctx):
-            dcp.load(state, checkpoint_id=str(directory), no_dist=not ctx.distributed)
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=SafeLoadPlanner(),
+                no_dist=not ctx.distributed,
+            )
     except CheckpointException as e:
-        # a BaseException subclass in torch, whose message is every rank's traceback: make
-        # a mismatch an ordinary error that says what did not match
+        # a BaseException subclass in torch, whose message is every rank's traceback: a
+        # bad file is reported as such (naming it), a mismatch as what did not match
+        failures = [exc for _, (exc, _) in sorted(e.failures.items())]
+        for exc in failures:
+            if isinstance(exc, CheckpointError):
+                raise CheckpointError(str(exc)) from None
         causes = "; ".join(f"rank {r}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
         raise ValueError(f"cannot load {directory} into this model: {causes}") from None
     if not optimizers:
@@ -133,7 +151,7 @@ def save_sharded(
     def write(tmp: Path) -> None:
         write_sharded(tmp / DCP_DIR, model, optimizer, ctx)
         if ctx.is_main and extra_state is not None:
-            torch.save(extra_state, tmp / EXTRA_FILE)
+            save_state_json(extra_state, tmp / EXTRA_FILE)
 
     return atomic_write_dir_all_ranks(path, write, ctx)
 
@@ -152,10 +170,12 @@ def load_sharded(
     there are tensors to load into."""
     path = Path(path)
     if not (path / DCP_DIR / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)")
+        raise CheckpointNotFoundError(
+            f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)"
+        )
     read_sharded(path / DCP_DIR, model, optimizer, ctx)
     extra = path / EXTRA_FILE
-    return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
+    return load_state_json(extra) if extra.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------

@@ -143,12 +143,16 @@ def load_backbone(
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=resolve_attn_impl(attn_impl),
-    )
+    check_model_source(name_or_path)
+    try:
+        model = cls.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=resolve_attn_impl(attn_impl),
+        )
+    except (OSError, ValueError, KeyError) as e:  # transformers' not-found / bad-config errors
+        raise model_error(name_or_path, e) from e
     model.config.use_cache = False  # training forward; generation passes use_cache itself
     return setup_attention(model.to(device), attention, batch_invariant_attention)
 
@@ -165,6 +169,33 @@ def setup_attention(model, attention: str = "auto", batch_invariant: bool = Fals
             "transformers; set attn_impl=auto"
         )
     return model
+
+
+def check_model_source(name_or_path: str) -> None:
+    """A path that is clearly local (starts with / . ~, or has more than one "/") must be
+    a directory: otherwise transformers tries it as a hub id and says so misleadingly."""
+    p = str(name_or_path)
+    local = p.startswith(("/", ".", "~")) or p.count("/") > 1 or Path(p).exists()
+    if local and not Path(p).expanduser().is_dir():
+        from fastrlhf.errors import ModelError
+
+        raise ModelError(f"model.name_or_path={p}: no such model directory")
+
+
+def model_error(name_or_path: str, e: Exception):
+    """A one-line ``ModelError`` for a model that failed to load (names the path/id)."""
+    from fastrlhf.errors import ModelError
+
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if Path(name_or_path).expanduser().is_dir():
+        return ModelError(
+            f"model.name_or_path={name_or_path}: cannot load the model in this directory "
+            f"({type(e).__name__}: {first})"
+        )
+    return ModelError(
+        f"model.name_or_path={name_or_path!r}: not a local directory, and loading it from "
+        f"the hub failed (offline or unknown id? {type(e).__name__}: {first})"
+    )
 
 
 def enable_gradient_checkpointing(model) -> None:

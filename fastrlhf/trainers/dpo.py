@@ -63,7 +63,7 @@ class DPOStage(SupervisedStage):
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
         tok = self.policy.tokenizer
         train_records, eval_records = stage_records(cfg.data, "pairs")
-        settings = data_settings(cfg.data)
+        settings = data_settings(cfg.data, cfg.run_dir)
         self.train_pairs = tokenize_preferences(train_records, tok, settings)
         self.eval_pairs = tokenize_preferences(eval_records, tok, settings)
         if not self.train_pairs:

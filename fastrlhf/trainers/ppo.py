@@ -124,7 +124,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         tok = self.policy.tokenizer
         if prompts is None:
             train_records, eval_records = stage_records(cfg.data, "prompts")
-            settings = data_settings(cfg.data)
+            settings = data_settings(cfg.data, cfg.run_dir)
             prompts = tokenize_prompts(train_records, tok, settings)
             eval_prompts = tokenize_prompts(eval_records, tok, settings)
             if not prompts:

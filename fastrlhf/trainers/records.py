@@ -3,6 +3,8 @@ split into train and held-out records, and the tokenisation settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastrlhf.config import DataConfig
 from fastrlhf.trainers.loading import EMBEDDED
 
@@ -37,20 +39,30 @@ def stage_records(data: DataConfig, kind: str) -> tuple[list[dict], list[dict]]:
     """(train, eval) records for kind "sft" | "pairs" | "prompts"."""
     if data.source == EMBEDDED:
         return _embedded_records(data, kind)
-    from fastrlhf.data.loading import load_records
+    import os
 
-    train = load_records(data.source, data.train_split, on_malformed=data.on_malformed)
-    held_out = []
-    if data.num_eval:
-        held_out = load_records(data.source, data.eval_split, on_malformed=data.on_malformed)
-    return train, held_out[: data.num_eval]
+    from fastrlhf.data.loading import train_eval_records
+
+    train, held_out, how = train_eval_records(
+        data.source,
+        data.train_split,
+        data.eval_split,
+        data.num_eval,
+        seed=data.seed,
+        on_malformed=data.on_malformed,
+    )
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[data] {how}")
+    return train, held_out
 
 
-def data_settings(data: DataConfig):
+def data_settings(data: DataConfig, run_dir: str | None = None):
+    """``run_dir``: skipped rows go to <run_dir>/malformed.jsonl."""
     from fastrlhf.data.formats import DataSettings
 
     return DataSettings(
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
         on_malformed=data.on_malformed,
+        malformed_file=str(Path(run_dir) / "malformed.jsonl") if run_dir else None,
     )

@@ -104,7 +104,7 @@ class RMStage(SupervisedStage):
         if self.model.tokenizer is None:
             raise ValueError(f"model.name_or_path={m.name_or_path!r} ships no tokenizer")
         train_records, eval_records = stage_records(cfg.data, "pairs")
-        settings = data_settings(cfg.data)
+        settings = data_settings(cfg.data, cfg.run_dir)
         tok = self.model.tokenizer
         self.train_pairs = tokenize_preferences(train_records, tok, settings)
         self.eval_pairs = tokenize_preferences(eval_records, tok, settings)

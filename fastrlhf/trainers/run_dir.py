@@ -9,12 +9,16 @@ checkpoint, and how models are exported into it (checkpoints and ``final/``).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from fastrlhf.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, seed_rank
+from fastrlhf.checkpoint import (
+    load_checkpoint,
+    refuse_stale_checkpoints,
+    resume_checkpoint,
+    seed_rank,
+)
 from fastrlhf.config import RunConfig, save_config
 from fastrlhf.distributed import DistContext, barrier
 from fastrlhf.metrics import truncate_after
@@ -40,13 +44,14 @@ def restore_or_reset(
     ctx: DistContext,
 ) -> tuple[int, dict]:
     """Load the latest checkpoint when resuming: (its step, its trainer state; every
-    rank's RNG restored). Else clear the run dir's old checkpoints and metrics and give
+    rank's RNG restored). Else refuse stale checkpoints, clear old metrics and give
     ranks > 0 their own random streams (the model init, done before, is the same on all
     ranks): (0, {})."""
     ckpt_root = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if resume else None
+    latest = resume_checkpoint(ckpt_root, ctx) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, module, optimizers, seed=seed, ctx=ctx)
+        # resume_checkpoint verified it (falling back past any that fail)
+        state = load_checkpoint(latest, module, optimizers, seed=seed, ctx=ctx, verify=False)
         start = int(state["step"])
         if ctx.is_main:
             truncate_after(run_dir / "metrics.jsonl", start)
@@ -56,12 +61,8 @@ def restore_or_reset(
     if resume and ctx.is_main:
         print(f"[{name}] --resume: no checkpoint in {ckpt_root}, starting fresh")
     # a fresh run owns its run dir: stale checkpoints would outrank (and, when pruning,
-    # evict) the new ones, and stale metrics would mix into its curves
-    old = checkpoint_dirs(ckpt_root)
-    if old and ctx.is_main:
-        print(f"[{name}] fresh run: removing {len(old)} old checkpoint(s) in {ckpt_root}")
-        for path in old:
-            shutil.rmtree(path)
+    # evict) the new ones; they are never deleted silently (--overwrite does, in the CLI)
+    refuse_stale_checkpoints(ckpt_root)
     if ctx.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     else:

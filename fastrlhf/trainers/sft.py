@@ -41,7 +41,7 @@ class SFTStage(SupervisedStage):
         path = model_path(cfg.model, cfg.run_dir)
         self.policy = load_policy_for(cfg, path, self.device, trainable=True)
         train_records, eval_records = stage_records(cfg.data, "sft")
-        settings = data_settings(cfg.data)
+        settings = data_settings(cfg.data, cfg.run_dir)
         self.train_seqs = tokenize_sft(train_records, self.policy.tokenizer, settings)
         self.eval_seqs = tokenize_sft(eval_records, self.policy.tokenizer, settings)
         if not self.train_seqs:

@@ -1,7 +1,8 @@
 """Checkpoints (fastrlhf.checkpoint): a bit-exact round trip of weights, frozen parameters,
 buffers and TWO optimizers through dcp/; the HF export in model/; trainer state and RNG;
 re-seeding when the world size changed; pruning; atomic publication under failures;
-clear errors on bad input; loading never unpickles arbitrary objects.
+clear errors on bad input; a payload planted in any file never runs (manifest, then
+loaders that never unpickle arbitrary objects); a corrupt latest checkpoint falls back.
 
 Single process throughout (``DistContext()``, no process group: DCP runs with no_dist);
 tests/distributed covers several processes. Every save is small (a toy of ~100 numbers).
@@ -10,8 +11,12 @@ tests/distributed covers several processes. Every save is small (a toy of ~100 n
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import random
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +31,14 @@ from fastrlhf.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from fastrlhf.distributed import DistContext
+from fastrlhf.errors import CheckpointError
+from fastrlhf.integrity import load_state_json, save_state_json, write_manifest
 
 # ---------------------------------------------------------------------------------------
 # a toy "policy + critic" trained by two optimizers, as PPO's checkpointed module
@@ -136,9 +144,15 @@ def test_round_trip_bit_exact_with_two_optimizers(tmp_path):
     saved = _snapshot(a)
     path = _save(tmp_path, 2, a, opts_a, sched={"last_epoch": 2, "lr": 0.5}, name="ppo")
     assert path == tmp_path / "step_00000002"
-    assert sorted(p.name for p in path.iterdir()) == ["dcp", "model", "rng", "trainer_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "MANIFEST.json",
+        "dcp",
+        "model",
+        "rng",
+        "trainer_state.json",
+    ]
     assert (path / "dcp" / ".metadata").is_file()
-    assert [p.name for p in (path / "rng").iterdir()] == ["rank_00000.pt"]
+    assert [p.name for p in (path / "rng").iterdir()] == ["rank_00000.json"]
 
     # a fresh module and fresh optimizers (another init, not stepped), as on resume
     torch.manual_seed(1)
@@ -198,8 +212,10 @@ def _assert_all_differ(got, other) -> None:
 
 
 def _edit_trainer_state(ckpt: Path, **changes) -> None:
+    """Change the trainer state and re-seal the manifest (a legitimate edit)."""
     state = load_trainer_state(ckpt)
-    torch.save({**state, **changes}, ckpt / "trainer_state.pt")
+    save_state_json({**state, **changes}, ckpt / "trainer_state.json")
+    write_manifest(ckpt)
 
 
 def _load_draws(ckpt: Path, seed: int, ctx: DistContext, scramble: int) -> tuple:
@@ -321,11 +337,11 @@ def test_atomic_write_dir_replaces(tmp_path):
 def test_load_without_dcp_metadata_names_the_directory(tmp_path):
     empty = tmp_path / "step_00000001"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="trainer_state.pt does not exist"):
+    with pytest.raises(CheckpointError, match="trainer_state.json: missing"):
         load_checkpoint(empty, Toy(), [], seed=0)
     # an old-format checkpoint: a trainer state but no dcp/ (weights_map.json era)
     torch.save({"step": 1}, empty / "trainer_state.pt")
-    with pytest.raises(FileNotFoundError, match=r"step_00000001/dcp .*no \.metadata"):
+    with pytest.raises(CheckpointError, match=r"step_00000001/dcp .*no \.metadata"):
         load_checkpoint(empty, Toy(), [], seed=0)
 
 
@@ -346,30 +362,192 @@ def test_load_into_mismatched_module_raises(tmp_path):
         load_checkpoint(path, c, _optimizers(c), seed=0)
 
 
-class Evil:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
-def test_loading_never_unpickles_arbitrary_objects(tmp_path, capsys):
-    ck = tmp_path / "step_00000001"
-    ck.mkdir()
-    torch.save({"step": 1, "x": Evil()}, ck / "trainer_state.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        load_trainer_state(ck)
-    # a real checkpoint whose RNG file was replaced
-    a, opts = _trained(steps=1)
-    path = _save(tmp_path / "run", 1, a, opts)
-    torch.save({"torch": Evil()}, path / "rng" / "rank_00000.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(path, a, opts, seed=0)
-    assert "pwned" not in capsys.readouterr().out
-
-
 def test_rng_state_round_trip(tmp_path):
     state = rng_state()
-    torch.save(state, tmp_path / "rng.pt")
+    save_state_json(state, tmp_path / "rng.json")
     expected = _draws()
     _scramble_rng(3)
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    set_rng_state(load_state_json(tmp_path / "rng.json"))
     _assert_same_draws(_draws(), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# loading never runs code from a file: a payload planted in every file, one at a time
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pristine(tmp_path: Path) -> tuple[Path, Toy, list]:
+    a, opts = _trained(steps=1)
+    _save(tmp_path / "pristine", 1, a, opts)
+    return tmp_path / "pristine" / "step_00000001", a, opts
+
+
+def _resume(root: Path):
+    """What --resume does: pick the checkpoint that verifies, then load it."""
+    b = Toy()
+    ckpt = resume_checkpoint(root)
+    return ckpt, load_checkpoint(ckpt, b, _optimizers(b), seed=0, verify=False)
+
+
+def _files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+
+
+def test_payload_in_any_file_is_caught_by_the_manifest(tmp_path):
+    pristine, _, _ = _pristine(tmp_path)
+    marker = tmp_path / "PWNED"
+    files = _files(pristine)
+    assert (
+        {"MANIFEST.json", "dcp/.metadata", "dcp/__0_0.distcp", "trainer_state.json"} <= set(files)
+        and "rng/rank_00000.json" in files
+        and "model/model.safetensors" in files
+    )
+    for rel in files:
+        root = tmp_path / f"run_{rel.replace('/', '_')}"
+        shutil.copytree(pristine, root / pristine.name)
+        (root / pristine.name / rel).write_bytes(pickle.dumps(Payload(marker)))
+        with pytest.raises(CheckpointError) as err:
+            _resume(root)
+        assert rel in str(err.value), (rel, str(err.value))
+        assert "\n" not in str(err.value)
+        assert not marker.exists(), rel
+        # nothing verifies: nothing is moved (a later --resume must not start fresh)
+        assert _files(root / pristine.name) == files
+
+
+def _reseal(ckpt: Path) -> None:
+    """The attacker rewrites the manifest too: only the loaders stand in the way."""
+    write_manifest(ckpt)
+
+
+def _stock_dcp_with(ckpt: Path, m: Toy, opts, marker: Path) -> None:
+    """dcp/ rewritten by torch's stock DCP with a payload as an optimizer hyperparameter
+    (stock DCP pickles non-tensor entries and unpickles them with weights_only=False)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(m, opts)
+    optim_sd["param_groups"][0]["lr"] = Payload(marker)
+    shutil.rmtree(ckpt / "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt / "dcp"), no_dist=True
+        )
+
+
+def _metadata_with(ckpt: Path, marker: Path) -> None:
+    """dcp/.metadata: the real metadata with a payload inside (stock DCP: plain pickle)."""
+    path = ckpt / "dcp" / ".metadata"
+    with open(path, "rb") as f:
+        md = pickle.load(f)  # our own, just-written file
+    md.planner_data = {"x": Payload(marker)}
+    path.write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize(
+    "rel", ["dcp/.metadata", "dcp/__0_0.distcp", "trainer_state.json", "rng/rank_00000.json"]
+)
+def test_payload_behind_a_forged_manifest_never_runs(tmp_path, rel):
+    pristine, a, opts = _pristine(tmp_path)
+    marker = tmp_path / "PWNED"
+    root = tmp_path / "run"
+    ckpt = root / pristine.name
+    shutil.copytree(pristine, ckpt)
+    if rel == "dcp/.metadata":
+        _metadata_with(ckpt, marker)
+    elif rel == "dcp/__0_0.distcp":
+        _stock_dcp_with(ckpt, a, opts, marker)
+    else:
+        (ckpt / rel).write_bytes(pickle.dumps(Payload(marker)))
+    _reseal(ckpt)
+    with pytest.raises(CheckpointError) as err:
+        _resume(root)
+    assert rel in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("rel", ["model/model.safetensors", "model/config.json"])
+def test_files_resume_does_not_read_stay_unread(tmp_path, rel):
+    pristine, a, _ = _pristine(tmp_path)
+    marker = tmp_path / "PWNED"
+    root = tmp_path / "run"
+    shutil.copytree(pristine, root / pristine.name)
+    (root / pristine.name / rel).write_bytes(pickle.dumps(Payload(marker)))
+    _reseal(root / pristine.name)
+    _, state = _resume(root)
+    assert state["step"] == 1 and not marker.exists()
+
+
+def _legacy(ckpt: Path) -> None:
+    """The format before manifests: trainer_state.pt and rng/*.pt (torch.save)."""
+    torch.save(load_state_json(ckpt / "trainer_state.json"), ckpt / "trainer_state.pt")
+    rng = load_state_json(ckpt / "rng" / "rank_00000.json")
+    torch.save(rng, ckpt / "rng" / "rank_00000.pt")
+    for rel in ("trainer_state.json", "rng/rank_00000.json", "MANIFEST.json"):
+        (ckpt / rel).unlink()
+
+
+def test_legacy_checkpoint_loads_with_a_note_and_refuses_payloads(tmp_path, capsys):
+    pristine, a, _ = _pristine(tmp_path)
+    root = tmp_path / "legacy"
+    shutil.copytree(pristine, root / pristine.name)
+    _legacy(root / pristine.name)
+    b = Toy()
+    ckpt = resume_checkpoint(root)
+    load_checkpoint(ckpt, b, _optimizers(b), seed=0, verify=False)
+    _assert_same_module(a, b)
+    out = capsys.readouterr().out
+    assert "no MANIFEST.json" in out and out.count("\n") == 1
+    marker = tmp_path / "PWNED"
+    for rel in ("trainer_state.pt", "rng/rank_00000.pt"):
+        bad = tmp_path / f"bad_{rel.replace('/', '_')}"
+        shutil.copytree(root, bad)
+        torch.save({"torch": Payload(marker), "step": 1}, bad / pristine.name / rel)
+        with pytest.raises(CheckpointError, match=re.escape(rel)):
+            _resume(bad)
+        assert not marker.exists()
+
+
+def test_corrupt_latest_falls_back_to_the_previous_one(tmp_path, capsys):
+    a, opts = _trained(steps=1)
+    root = tmp_path / "ck"
+    _save(root, 1, a, opts)
+    before = _tree_digest(root / "step_00000001")
+    _step(a, opts, torch.randn(6, 5))
+    _save(root, 2, a, opts)
+    shard = root / "step_00000002" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ckpt, state = _resume(root)
+    assert ckpt == root / "step_00000001" and state["step"] == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000002" in err[0] and "__0_0.distcp" in err[0], err
+    assert _tree_digest(root / "step_00000001") == before
+    # kept aside, never deleted, and out of the way of the next save of step 2 / pruning
+    assert (root / "rejected-step_00000002" / "dcp" / "__0_0.distcp").read_bytes() == data
+    _save(root, 2, a, opts, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["rejected-step_00000002", "step_00000002"]
+
+
+def test_truncated_metadata_and_tensor_file_name_the_file(tmp_path):
+    pristine, _, _ = _pristine(tmp_path)
+    for rel in ("dcp/.metadata", "dcp/__0_0.distcp", "trainer_state.json"):
+        root = tmp_path / f"t_{rel.replace('/', '_')}"
+        ckpt = root / pristine.name
+        shutil.copytree(pristine, ckpt)
+        data = (ckpt / rel).read_bytes()
+        (ckpt / rel).write_bytes(data[: len(data) // 2])
+        _reseal(ckpt)  # past the manifest: the loaders themselves report the file
+        with pytest.raises(CheckpointError, match=re.escape(rel)):
+            _resume(root)
