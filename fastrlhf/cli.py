@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="SFT -> reward model -> PPO, DPO and GRPO on the embedded task")
     d.add_argument("--config", "-c", help="demo YAML file (default: examples/demo.yaml)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    from fastrlhf.feedback.cli import add_parser as add_feedback_parser
+
+    add_feedback_parser(sub)  # fastrlhf feedback ... (fastrlhf/feedback/cli.py)
     return p
 
 
@@ -41,6 +44,10 @@ def default_demo_config() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "feedback":
+        from fastrlhf.feedback.cli import main as feedback_main
+
+        return feedback_main(args)
     _quiet_transformers()
     try:
         if args.command == "demo":
