@@ -164,6 +164,35 @@ def _annotator(args) -> int:
     return 0
 
 
+def _import_votes(args) -> int:
+    from fastrlhf.feedback.imports import import_file
+    from fastrlhf.feedback.store import connect
+
+    added, dup = import_file(connect(args.db), args.votes, args.format)
+    print(f"imported {added} votes ({dup} already present) into {args.db}")
+    return 0
+
+
+def _export(args) -> int:
+    from fastrlhf.feedback.export import ExportSettings, export_rows, write_rows
+    from fastrlhf.feedback.store import connect
+
+    settings = ExportSettings(
+        ties=args.ties,
+        min_agreement=args.min_agreement,
+        min_gold_accuracy=args.min_gold_accuracy,
+        exclude_flagged=args.exclude_flagged,
+    )
+    report = export_rows(connect(args.db), settings)
+    fmt = write_rows(report.rows, args.output, args.format)
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(report.dropped.items())) or "none"
+    print(f"exported {len(report.rows)} pairs of {report.pairs} labelled ({fmt}) to "
+          f"{args.output}; dropped: {dropped}")  # fmt: skip
+    if report.excluded_annotators:
+        print(f"left out annotators below --min-gold-accuracy: {report.excluded_annotators}")
+    return 0
+
+
 def _not_yet(args) -> int:
     raise ValueError(f"`feedback {args.feedback_command}` is not available in this build")
 
@@ -174,8 +203,8 @@ _COMMANDS = {
     "annotator": _annotator,
     "sample": _not_yet,
     "serve": _not_yet,
-    "import-votes": _not_yet,
+    "import-votes": _import_votes,
     "agreement": _not_yet,
-    "export": _not_yet,
+    "export": _export,
     "demo": _not_yet,
 }
