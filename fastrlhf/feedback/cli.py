@@ -193,6 +193,18 @@ def _export(args) -> int:
     return 0
 
 
+def _agreement(args) -> int:
+    from fastrlhf.feedback.agreement import agreement_stats, format_report, kappa_heatmap
+    from fastrlhf.feedback.store import connect
+
+    stats = agreement_stats(connect(args.db), args.min_overlap)
+    print(json.dumps(stats, indent=2) if args.json else format_report(stats))
+    if args.heatmap:
+        path = kappa_heatmap(stats, args.heatmap)
+        print(f"heat map: {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _not_yet(args) -> int:
     raise ValueError(f"`feedback {args.feedback_command}` is not available in this build")
 
@@ -204,7 +216,7 @@ _COMMANDS = {
     "sample": _not_yet,
     "serve": _not_yet,
     "import-votes": _import_votes,
-    "agreement": _not_yet,
+    "agreement": _agreement,
     "export": _export,
     "demo": _not_yet,
 }
