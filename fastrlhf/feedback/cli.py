@@ -205,6 +205,22 @@ def _agreement(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from fastrlhf.feedback.assign import AssignmentPolicy
+    from fastrlhf.feedback.server import ServerSettings, read_guidelines, serve
+
+    policy = AssignmentPolicy(
+        overlap=args.overlap,
+        overlap_annotators=args.overlap_annotators,
+        gold_rate=args.gold_rate,
+        lease_seconds=args.lease_seconds,
+        seed=args.seed,
+    )
+    settings = ServerSettings(args.db, policy, read_guidelines(args.guidelines))
+    serve(settings, args.host, args.port)
+    return 0
+
+
 def _not_yet(args) -> int:
     raise ValueError(f"`feedback {args.feedback_command}` is not available in this build")
 
@@ -214,7 +230,7 @@ _COMMANDS = {
     "add-items": _add_items,
     "annotator": _annotator,
     "sample": _not_yet,
-    "serve": _not_yet,
+    "serve": _serve,
     "import-votes": _import_votes,
     "agreement": _agreement,
     "export": _export,
