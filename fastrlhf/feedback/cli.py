@@ -221,18 +221,41 @@ def _serve(args) -> int:
     return 0
 
 
-def _not_yet(args) -> int:
-    raise ValueError(f"`feedback {args.feedback_command}` is not available in this build")
+def _sample(args) -> int:
+    from fastrlhf.feedback.sample import SampleSettings, sample_items
+    from fastrlhf.feedback.store import add_items, connect
+
+    settings = SampleSettings(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    conn = connect(args.db)  # before the (slow) sampling: a wrong --db fails at once
+    prompts = [row for _, row in _read_jsonl(args.prompts)]
+    items = sample_items(args.model, prompts, settings)
+    added, skipped = add_items(conn, items)
+    print(f"sampled {args.k} responses for {len(items)} prompts; added {added} items "
+          f"({skipped} already present) to {args.db}")  # fmt: skip
+    return 0
+
+
+def _demo(args) -> int:
+    raise ValueError("`feedback demo` is not available in this build")
 
 
 _COMMANDS = {
     "init": _init,
     "add-items": _add_items,
     "annotator": _annotator,
-    "sample": _not_yet,
+    "sample": _sample,
     "serve": _serve,
     "import-votes": _import_votes,
     "agreement": _agreement,
     "export": _export,
-    "demo": _not_yet,
+    "demo": _demo,
 }
