@@ -27,6 +27,7 @@ import random
 import sqlite3
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fastrlhf.feedback.store import Item, StoreError, get_item, transaction
 
@@ -50,6 +51,7 @@ class AssignmentPolicy:
             raise ValueError(f"lease_seconds must be > 0, got {self.lease_seconds}")
 
 
+@lru_cache(maxsize=1 << 20)
 def _unit(*parts) -> float:
     """A uniform number in [0, 1) fixed by ``parts`` (stable across runs and machines)."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
@@ -92,16 +94,29 @@ def _regular_candidates(
     conn: sqlite3.Connection, annotator: str, policy: AssignmentPolicy, now: float
 ) -> list[tuple[str, int]]:
     """(item id, slots taken) of regular items this annotator has not been served and
-    that still have a free slot."""
-    rows = conn.execute(
-        "SELECT i.id, (SELECT COUNT(*) FROM assignments a WHERE a.item_id=i.id AND ("
-        "   a.created > ? OR EXISTS (SELECT 1 FROM votes v WHERE v.item_id=a.item_id"
-        "   AND v.annotator=a.annotator AND v.undone IS NULL))) AS taken"
-        " FROM items i WHERE i.gold IS NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM assignments a WHERE a.item_id=i.id AND a.annotator=?)",
-        (now - policy.lease_seconds, annotator),
-    ).fetchall()
-    return [(r["id"], r["taken"]) for r in rows if r["taken"] < target_annotators(policy, r["id"])]
+    that still have a free slot.
+
+    Three flat queries and dictionary lookups (the per-item hashes are cached), not a
+    correlated sub-query per item: this runs on every request for the next item.
+    """
+    taken = dict(
+        conn.execute(
+            "SELECT a.item_id, COUNT(*) FROM assignments a LEFT JOIN votes v"
+            " ON v.item_id=a.item_id AND v.annotator=a.annotator AND v.undone IS NULL"
+            " WHERE a.created > ? OR v.id IS NOT NULL GROUP BY a.item_id",
+            (now - policy.lease_seconds,),
+        ).fetchall()
+    )
+    mine = {
+        r[0]
+        for r in conn.execute("SELECT item_id FROM assignments WHERE annotator=?", (annotator,))
+    }
+    regular = [r[0] for r in conn.execute("SELECT id FROM items WHERE gold IS NULL ORDER BY seq")]
+    return [
+        (i, taken.get(i, 0))
+        for i in regular
+        if i not in mine and taken.get(i, 0) < target_annotators(policy, i)
+    ]
 
 
 def _unseen_gold(conn: sqlite3.Connection, annotator: str) -> list[str]:
@@ -118,6 +133,18 @@ def next_assignment(
 ) -> Assignment | None:
     """The item ``annotator`` should label now (assigning it, committed), or None if done."""
     now = time.time() if now is None else now
+    # An assignment lost to a power cut is simply made again, so its commit skips the
+    # fsync (WAL + NORMAL still survives the process being killed); votes keep FULL.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        return _next(conn, annotator, policy, now)
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+
+
+def _next(
+    conn: sqlite3.Connection, annotator: str, policy: AssignmentPolicy, now: float
+) -> Assignment | None:
     with transaction(conn):
         row = _open_assignment(conn, annotator)
         if row is not None:

@@ -6,7 +6,7 @@ JSON API (what the page's script, the demo and the load test call; authenticated
 session cookie or ``Authorization: Bearer <token>``):
 
     POST /api/login    {"name", "token"}                      -> sets the session cookie
-    GET  /api/next                                            -> the current item, or done
+    GET  /api/next[?progress=1]                               -> the current item, or done
     POST /api/votes    {"vote_id", "item_id", "choice": "A" | "B" | "tie" | "cant_tell"}
                     or {"vote_id", "item_id", "ranking": [display positions, best first]}
                        + optional "strength" (1-4), "flags", "note", "time_ms"
@@ -223,19 +223,17 @@ def create_app(settings: ServerSettings) -> Starlette:
     def api_next(request: Request, raw: bytes) -> Response:
         name = annotator(request)
         a = next_assignment(db(), name, settings.policy)
-        prog = progress(db(), name, settings.policy)
-        if a is None:
-            return JSONResponse({"done": True, "progress": prog})
-        return JSONResponse(
-            {
-                "done": False,
-                "item_id": a.item.id,
-                "prompt": a.item.prompt,
-                "kind": "pair" if a.item.k == 2 else "rank",
-                "responses": [a.item.responses[r] for r in a.shown_order],
-                "progress": prog,
-            }
-        )
+        out = {"done": a is None}
+        if a is not None:
+            out.update(
+                item_id=a.item.id,
+                prompt=a.item.prompt,
+                kind="pair" if a.item.k == 2 else "rank",
+                responses=[a.item.responses[r] for r in a.shown_order],
+            )
+        if request.query_params.get("progress") == "1":  # costs a scan of the items
+            out["progress"] = progress(db(), name, settings.policy)
+        return JSONResponse(out)
 
     def _vote_from(body: dict, name: str) -> Vote:
         item_id = body.get("item_id")

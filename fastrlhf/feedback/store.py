@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS votes (
 CREATE UNIQUE INDEX IF NOT EXISTS votes_active ON votes(item_id, annotator)
     WHERE undone IS NULL;
 CREATE INDEX IF NOT EXISTS votes_by_annotator ON votes(annotator, id);
+CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments(annotator, created);
 """
 SCHEMA_VERSION = "1"
 
