@@ -8,6 +8,8 @@ categories = first better / second better / tie; "can't tell" is missing data).
 - ``cohen_kappa``: scikit-learn's ``cohen_kappa_score`` for each annotator pair with at
   least ``min_overlap`` shared units (``{"a", "b", "kappa", "n"}``; kappa is null where
   it is undefined, e.g. both always gave the same label).
+- ``pair_agreement``: raw agreement of each annotator pair (``{"a", "b", "agreement",
+  "n"}``), for every pair that shares a unit.
 - ``fleiss_kappa``: statsmodels' ``fleiss_kappa``, which needs the same number of
   ratings per unit: it is computed on the units with the most common count m >= 2 of
   labels (``fleiss_units``, ``fleiss_raters`` = m).
@@ -50,17 +52,30 @@ def raw_agreement(units: dict) -> float | None:
     return agree / total if total else None
 
 
+def _shared(units: dict) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """{(annotator a, annotator b), a < b: [(a's label, b's label) on each shared unit]}"""
+    shared: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for labels in units.values():
+        for x, y in combinations(sorted(labels, key=lambda pl: pl.annotator), 2):
+            shared[(x.annotator, y.annotator)].append((x.label, y.label))
+    return dict(sorted(shared.items()))
+
+
+def pair_agreement(units: dict) -> list[dict]:
+    """Raw agreement of every annotator pair that shares a unit: {"a", "b", "agreement", "n"}."""
+    return [
+        {"a": a, "b": b, "agreement": sum(x == y for x, y in pairs) / len(pairs), "n": len(pairs)}
+        for (a, b), pairs in _shared(units).items()
+    ]
+
+
 def cohen_kappas(units: dict, min_overlap: int) -> list[dict]:
     import warnings
 
     from sklearn.metrics import cohen_kappa_score
 
-    shared: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
-    for labels in units.values():
-        for x, y in combinations(sorted(labels, key=lambda pl: pl.annotator), 2):
-            shared[(x.annotator, y.annotator)].append((x.label, y.label))
     out = []
-    for (a, b), pairs in sorted(shared.items()):
+    for (a, b), pairs in _shared(units).items():
         if len(pairs) < min_overlap:
             continue
         la, lb = zip(*pairs)
@@ -166,6 +181,7 @@ def agreement_stats(conn: sqlite3.Connection, min_overlap: int = 10) -> dict:
         "fleiss_raters": fleiss_raters,
         "krippendorff_alpha": krippendorff_alpha(units, annotators),
         "cohen_kappa": cohen_kappas(units, min_overlap),
+        "pair_agreement": pair_agreement(units),
         "annotators": _per_annotator(votes, units, labels, items),
         "votes": len(votes),
         "labels": len(labels),
