@@ -55,6 +55,7 @@ from fastrlhf.feedback.store import (
     add_vote,
     authenticate,
     connect,
+    get_item,
     undo_last_vote,
 )
 
@@ -243,6 +244,7 @@ def create_app(settings: ServerSettings) -> Starlette:
                                "note", "time_ms"}  # fmt: skip
         if unknown:
             raise ApiError(400, f"unknown fields {sorted(unknown)}")
+        get_item(db(), item_id)  # an unknown item is a 404, before "not assigned to you"
         a = get_assignment(db(), name, item_id)
         order = a.shown_order
         v = Vote(item_id, name, shown_order=order, origin="web")

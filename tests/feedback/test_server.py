@@ -103,6 +103,9 @@ def test_idempotent_resubmit_and_undo(setup):
     conn, app, tokens = setup
     c = _client(app, tokens["ann"])
     item = c.get("/api/next").json()["item_id"]
+    other = ({"p1", "r1"} - {item}).pop()
+    r = c.post("/api/votes", json={"vote_id": "o", "item_id": other, "choice": "cant_tell"})
+    assert r.status_code == 400 and "was not assigned to 'ann'" in r.json()["error"]
     body = {"vote_id": "same", "item_id": item, "choice": "cant_tell"}
     first = c.post("/api/votes", json=body).json()
     again = c.post("/api/votes", json=body).json()
@@ -119,7 +122,7 @@ def test_idempotent_resubmit_and_undo(setup):
 @pytest.mark.parametrize(
     "body, status, msg",
     [
-        ({"vote_id": "x", "item_id": "zzz", "choice": "A"}, 400, "not assigned"),
+        ({"vote_id": "x", "item_id": "zzz", "choice": "A"}, 404, "unknown item 'zzz'"),
         ({"vote_id": "x", "item_id": "p1", "choice": "D"}, 400, "'choice' must be"),
         ({"vote_id": "x", "item_id": "p1"}, 400, "exactly one of"),
         ({"vote_id": "x", "item_id": "p1", "choice": "A", "strength": 7}, 400, "strength"),
