@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--debug", action="store_true", help="show tracebacks (also FASTRLHF_DEBUG=1)"
         )
+
+    from fastrlhf.feedback.cli import add_parser as add_feedback_parser
+
+    add_feedback_parser(sub)  # fastrlhf feedback ... (fastrlhf/feedback/cli.py)
     return p
 
 
@@ -53,6 +57,10 @@ def default_demo_config() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "feedback":
+        from fastrlhf.feedback.cli import main as feedback_main
+
+        return feedback_main(args)
     _quiet_transformers()
     try:
         return run_reporting_errors(
