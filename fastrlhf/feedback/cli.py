@@ -99,11 +99,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the loop with simulated annotators voting over HTTP")
     p.add_argument("--run-dir", default="runs/feedback_demo")
-    p.add_argument("--accuracies", default="0.9,0.8,0.7")
+    p.add_argument("--policy", help="an SFT model directory (default: train one here)")
+    p.add_argument("--accuracies", default="0.9,0.8,0.7", help="one per simulated annotator")
     p.add_argument("--tie-rate", type=float, default=0.1)
-    p.add_argument("--items", type=int, default=300)
+    p.add_argument("--items", type=int, default=600, help="labelled response pairs")
+    p.add_argument("--held-out", type=int, default=200, help="truth-labelled RM eval pairs")
+    p.add_argument("--gold", type=int, default=20, help="labelled items with a gold answer")
+    p.add_argument("--overlap", type=float, default=1.0)
+    p.add_argument("--overlap-annotators", type=int, default=3)
+    p.add_argument("--sft-steps", type=int, default=800)
+    p.add_argument("--rm-steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rm-steps", type=int, default=300)
     return fb
 
 
@@ -245,7 +251,31 @@ def _sample(args) -> int:
 
 
 def _demo(args) -> int:
-    raise ValueError("`feedback demo` is not available in this build")
+    from fastrlhf.feedback.demo import FeedbackDemoSettings, run_feedback_demo
+
+    try:
+        accuracies = [float(x) for x in args.accuracies.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--accuracies: comma-separated numbers, got {args.accuracies!r}"
+        ) from None
+    run_feedback_demo(
+        FeedbackDemoSettings(
+            run_dir=args.run_dir,
+            accuracies=accuracies,
+            tie_rate=args.tie_rate,
+            items=args.items,
+            held_out=args.held_out,
+            gold=args.gold,
+            overlap=args.overlap,
+            overlap_annotators=args.overlap_annotators,
+            policy=args.policy,
+            sft_steps=args.sft_steps,
+            rm_steps=args.rm_steps,
+            seed=args.seed,
+        )
+    )
+    return 0
 
 
 _COMMANDS = {
