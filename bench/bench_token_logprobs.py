@@ -2,7 +2,7 @@
 
 Providers (each gives -log p or log p of the labels; "full" = forward + backward of
 the sum):
-  reference      float32 log_softmax + gather (fastrlhf.ops.reference.token_logprobs_ref)
+  reference      float32 log_softmax + gather (fastrlhf.ops.reference.token_logprobs_reference)
   compiled_ref   torch.compile of the reference (CUDA only: on CPU its compile time
                  dwarfs the run)
   ours           fastrlhf.ops.token_logprobs (Triton on CUDA; the chunked PyTorch path
@@ -33,7 +33,7 @@ from bench.harness import (
     time_fn,
 )
 from fastrlhf.ops import token_logprobs
-from fastrlhf.ops.reference import token_logprobs_ref
+from fastrlhf.ops.reference import token_logprobs_reference
 
 
 def _peers():
@@ -56,12 +56,12 @@ def _peers():
 
 def providers(device: str) -> dict:
     out = {
-        "reference": lambda x, y: token_logprobs_ref(x, y),
+        "reference": lambda x, y: token_logprobs_reference(x, y),
         "ours": lambda x, y: token_logprobs(x, y, validate=False),
         "ours_inplace": lambda x, y: token_logprobs(x, y, validate=False, inplace_backward=True),
     }
     if device == "cuda":
-        out["compiled_ref"] = torch.compile(token_logprobs_ref)
+        out["compiled_ref"] = torch.compile(token_logprobs_reference)
     out.update(_peers())
     return out
 

@@ -38,7 +38,7 @@ import torch
 
 from fastrlhf._ext import extension_available
 from fastrlhf.ops._checks import FLOAT_DTYPES, describe
-from fastrlhf.ops.reference.advantages import padded_gae_loop
+from fastrlhf.ops.reference.advantages import padded_gae_reference
 
 KINDS = ("grpo", "dr_grpo", "rloo", "reinforce++")
 
@@ -189,7 +189,7 @@ def _packed_gae_torch(rewards, values, cu_seqlens, gamma, lam, mask, bootstrap):
     r = unpack_to_padded(rewards, cu_seqlens, 0.0, steps)  # [B, T]
     v = unpack_to_padded(values, cu_seqlens, 0.0, steps)  # [B, T]
     m = unpack_to_padded(keep, cu_seqlens, False, steps)  # [B, T]; padding is masked
-    adv, _ = padded_gae_loop(r, v, m, gamma, lam, bootstrap)  # [B, T]
+    adv, _ = padded_gae_reference(r, v, m, gamma, lam, bootstrap)  # [B, T]
     adv = adv[seq, pos].float()  # [N]
     return adv, adv + values.float()
 

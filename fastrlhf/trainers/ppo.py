@@ -152,9 +152,9 @@ def response_logprobs(
             h, weight, exp.labels, bias, temperature, validate=False, **kwargs
         )
     else:
-        from fastrlhf.ops.reference.linear import linear_token_logprobs_ref
+        from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
 
-        out = linear_token_logprobs_ref(h, weight, exp.labels, bias, temperature, **kwargs)
+        out = linear_token_logprobs_reference(h, weight, exp.labels, bias, temperature, **kwargs)
     return out if entropy else (out, None)
 
 
@@ -489,11 +489,10 @@ class PPOTrainer:
     def micro_losses(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(policy loss, value loss, metrics) of a micro-batch, autograd-connected."""
         ppo, fused = self.ppo, self.ppo.fused_ops
-        if fused:
-            from fastrlhf.ops.losses import ppo_policy_loss, value_loss
-        else:
-            from fastrlhf.ops.reference.losses import ppo_policy_loss_ref as ppo_policy_loss
-            from fastrlhf.ops.reference.losses import value_loss_ref as value_loss
+        from fastrlhf.ops.losses import ppo_policy_loss, value_loss
+
+        # cu_resp is built here, so its layout needs no check (that would be a host sync)
+        backend = dict(impl="auto" if fused else "reference", validate=False)
         logp, entropy = response_logprobs(
             self.policy, exp, self.gen_config.logprob_temperature, fused=fused
         )
@@ -514,6 +513,7 @@ class PPOTrainer:
             entropy_coef=ppo.entropy_coef,
             agg=ppo.agg,
             cu_seqlens=exp.cu_resp,
+            **backend,
         )
         metrics = {
             k if k in ("approx_kl", "entropy") else f"policy/{k}": v for k, v in metrics.items()
@@ -528,6 +528,7 @@ class PPOTrainer:
                 clip=ppo.value_clip,
                 agg=ppo.agg,
                 cu_seqlens=exp.cu_resp,
+                **backend,
             )
             metrics.update({f"value/{k}": v for k, v in vm.items()})
             metrics["value_loss"] = vl.detach()

@@ -17,14 +17,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 def _step(logits, labels, old, adv, ref, mask, cu):
+    # impl="triton": the custom ops (their Triton kernels run through the interpreter on
+    # CPU); validate=False: the checks read tensors on the host, a graph break.
     lp, h = token_logprobs(logits[:, :-1], labels, 0.8, return_entropy=True, validate=False)
-    kl = kl_penalty(lp, ref, "k3+st")
+    kl = kl_penalty(lp, ref, "k3+st", impl="triton")
     loss, met = ppo_policy_loss(
         lp, old, adv, mask, dual_clip=3.0, ref_logp=ref, kl_coef=0.1, entropy=h,
-        entropy_coef=0.01, agg="seq-mean-token-mean",
+        entropy_coef=0.01, agg="seq-mean-token-mean", impl="triton",
     )  # fmt: skip
     vl, _ = value_loss(lp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1),
-                       cu_seqlens=cu)  # fmt: skip
+                       cu_seqlens=cu, validate=False, impl="triton")  # fmt: skip
     dl, dmet = dpo_loss(lp.sum(1), old.sum(1), ref.sum(1), adv.sum(1), 0.1, "sigmoid")
     return loss + vl + dl + kl.mean(), met["clip_frac"], dmet["reward_accuracy"]
 

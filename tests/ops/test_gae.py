@@ -17,7 +17,7 @@ import torch
 import fastrlhf.ops.advantages as adv_mod
 from fastrlhf._ext import extension_available
 from fastrlhf.ops import packed_gae
-from fastrlhf.ops.reference import packed_gae_reference, padded_gae_loop
+from fastrlhf.ops.reference import packed_gae_reference, padded_gae_reference
 from tests.helpers import assert_close, assert_close_to_reference
 
 HAS_EXT = extension_available()
@@ -51,7 +51,7 @@ def padded_loop_fp32(rewards, values, cu, gamma, lam, mask, boot):
     """PyTorch's own float32 answer (the trainers' padded loop), packed back: [N]."""
     keep = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask
     pad = lambda x, fill: adv_mod.unpack_to_padded(x, cu, fill)
-    adv, _ = padded_gae_loop(
+    adv, _ = padded_gae_reference(
         pad(rewards.float(), 0.0), pad(values.float(), 0.0), pad(keep, False), gamma, lam, boot
     )
     seq, pos = adv_mod._token_coords(cu, rewards.numel())

@@ -12,7 +12,7 @@ import torch
 
 import fastrlhf.ops.logprobs as lp_mod
 from fastrlhf.ops import token_logprobs
-from fastrlhf.ops.reference import token_logprobs_ref
+from fastrlhf.ops.reference import token_logprobs_reference
 from tests.helpers import assert_close, assert_close_to_reference
 
 # The interpreter evaluates both branches of tl.where with numpy: -inf - -inf in the
@@ -41,8 +41,8 @@ def _inputs(shape, v, dtype, device, *, vocab=None, ignore_frac=0.2):
 def test_forward_matches_reference(path, device, dtype, v, shape):
     logits, labels = _inputs(shape, v, dtype, device)
     logp, ent = token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
-    ref_lp, ref_h = token_logprobs_ref(logits.double(), labels, 0.7, return_entropy=True)
-    same_lp, same_h = token_logprobs_ref(logits, labels, 0.7, return_entropy=True)
+    ref_lp, ref_h = token_logprobs_reference(logits.double(), labels, 0.7, return_entropy=True)
+    same_lp, same_h = token_logprobs_reference(logits, labels, 0.7, return_entropy=True)
     assert logp.dtype == torch.float32 and logp.shape == labels.shape
     assert_close_to_reference(logp, ref_lp, same_lp, atol=2e-5, name="logp")
     assert_close_to_reference(ent, ref_h, same_h, atol=2e-5, name="entropy")
@@ -66,8 +66,8 @@ def test_backward_matches_reference_on_strided_view(path, device, dtype, v):
         return x.grad[:, :-1]
 
     ours = grads(full, token_logprobs)
-    ref = grads(full.double(), token_logprobs_ref)
-    same = grads(full, token_logprobs_ref)
+    ref = grads(full.double(), token_logprobs_reference)
+    same = grads(full, token_logprobs_reference)
     assert ours.dtype == dtype
     assert_close_to_reference(ours, ref, same, atol=1e-6, name="dlogits")
 
@@ -90,7 +90,7 @@ def test_vocab_size_leaves_padding_out(path, device):
     lp, h = token_logprobs(x, labels, 1.3, return_entropy=True, vocab_size=vocab)
     (lp.sum() + h.sum()).backward()
     x64 = logits.double().requires_grad_(True)
-    rlp, rh = token_logprobs_ref(x64, labels, 1.3, return_entropy=True, vocab_size=vocab)
+    rlp, rh = token_logprobs_reference(x64, labels, 1.3, return_entropy=True, vocab_size=vocab)
     (rlp.sum() + rh.sum()).backward()
     assert_close(lp, rlp, atol=2e-5, name="logp")
     assert_close(h, rh, atol=2e-5, name="entropy")
@@ -98,7 +98,7 @@ def test_vocab_size_leaves_padding_out(path, device):
     assert bool((x.grad[..., vocab:] == 0).all())
     # without vocab_size the padded columns are real logits
     lp_all = token_logprobs(logits, labels, 1.3)
-    assert_close(lp_all, token_logprobs_ref(logits.double(), labels, 1.3), atol=2e-5)
+    assert_close(lp_all, token_logprobs_reference(logits.double(), labels, 1.3), atol=2e-5)
 
 
 def test_masked_vocabulary_gives_no_nan(path, device):
@@ -112,7 +112,7 @@ def test_masked_vocabulary_gives_no_nan(path, device):
     lp, h = token_logprobs(x, labels, 0.9, return_entropy=True)
     (lp[2:].sum() + lp[0] + h.sum()).backward()
     x64 = logits.double().requires_grad_(True)
-    rlp, rh = token_logprobs_ref(x64, labels, 0.9, return_entropy=True)
+    rlp, rh = token_logprobs_reference(x64, labels, 0.9, return_entropy=True)
     (rlp[2:].sum() + rlp[0] + rh.sum()).backward()
     assert lp[1].item() == float("-inf")
     assert bool(torch.isfinite(h).all()) and bool(torch.isfinite(x.grad).all())
@@ -191,7 +191,7 @@ def test_gradcheck_float64(device):
 def test_leading_shapes_and_empty(path, device):
     logits, labels = _inputs((2, 2, 3), 300, torch.float32, device)
     lp = token_logprobs(logits.transpose(0, 1), labels.transpose(0, 1))
-    assert_close(lp, token_logprobs_ref(logits.double(), labels).transpose(0, 1), atol=2e-5)
+    assert_close(lp, token_logprobs_reference(logits.double(), labels).transpose(0, 1), atol=2e-5)
     empty = token_logprobs(torch.randn(0, 5, device=device), torch.zeros(0, dtype=torch.long))
     assert empty.shape == (0,)
     one = token_logprobs(torch.randn(300, device=device), torch.tensor(7, device=device))
@@ -202,8 +202,8 @@ def test_int32_labels_and_fp16(path, device):
     logits, labels = _inputs((3, 4), 3000, torch.float16, device)
     lp = token_logprobs(logits, labels.int(), 1.5)
     assert_close_to_reference(
-        lp, token_logprobs_ref(logits.double(), labels, 1.5),
-        token_logprobs_ref(logits, labels, 1.5), atol=2e-5,
+        lp, token_logprobs_reference(logits.double(), labels, 1.5),
+        token_logprobs_reference(logits, labels, 1.5), atol=2e-5,
     )  # fmt: skip
 
 
@@ -240,8 +240,8 @@ def test_offsets_beyond_int32(path):
     lp = token_logprobs(x, labels)
     lp.sum().backward()
     ref = rows.double().requires_grad_(True)
-    token_logprobs_ref(ref, labels).sum().backward()
-    assert_close(lp, token_logprobs_ref(rows.double(), labels), atol=2e-5)
+    token_logprobs_reference(ref, labels).sum().backward()
+    assert_close(lp, token_logprobs_reference(rows.double(), labels), atol=2e-5)
     assert_close(x.grad, ref.grad, atol=1e-2, name="dlogits (bf16)")
 
 
@@ -253,7 +253,9 @@ def test_large_bf16_rows_beyond_int32_on_gpu():
     labels = torch.randint(0, v, (n,), device="cuda")
     logp, h = token_logprobs(logits, labels, return_entropy=True)
     rows = torch.tensor([0, n // 2, n - 2, n - 1], device="cuda")
-    ref_lp, ref_h = token_logprobs_ref(logits[rows].double(), labels[rows], return_entropy=True)
+    ref_lp, ref_h = token_logprobs_reference(
+        logits[rows].double(), labels[rows], return_entropy=True
+    )
     assert_close(logp[rows], ref_lp, atol=2e-5)
     assert_close(h[rows], ref_h, atol=2e-4)
 

@@ -11,17 +11,17 @@ import importlib
 
 # public name -> submodule of fastrlhf.ops.reference that defines it
 _EXPORTS: dict[str, str] = {
-    "token_logprobs_ref": "logprobs",
-    "kl_penalty_ref": "losses",
-    "aggregate_ref": "losses",
-    "ppo_policy_loss_ref": "losses",
-    "value_loss_ref": "losses",
-    "dpo_loss_ref": "losses",
+    "token_logprobs_reference": "logprobs",
+    "kl_penalty_reference": "losses",
+    "aggregate_reference": "losses",
+    "ppo_policy_loss_reference": "losses",
+    "value_loss_reference": "losses",
+    "dpo_loss_reference": "losses",
     "packed_gae_reference": "advantages",
-    "padded_gae_loop": "advantages",
+    "padded_gae_reference": "advantages",
     "masked_whiten_reference": "advantages",
     "group_advantages_reference": "advantages",
-    "linear_token_logprobs_ref": "linear",
+    "linear_token_logprobs_reference": "linear_logprobs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 
-def token_logprobs_ref(
+def token_logprobs_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 
-def linear_token_logprobs_ref(
+def linear_token_logprobs_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
