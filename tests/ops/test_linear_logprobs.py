@@ -248,7 +248,7 @@ def test_opcheck_and_compile():
     hidden.requires_grad_()
     weight.requires_grad_()
     args = (hidden, weight, labels, b, 0.9, -100, 250, True, "torch")
-    torch.library.opcheck(torch.ops.fastrlhf.linear_token_logprobs_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastrlhf.linear_token_logprobs.default, args)
 
     def fn(h, w):
         lp, ent = linear_token_logprobs(
