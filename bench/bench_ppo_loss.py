@@ -25,14 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import (
-    append_rows,
-    copy_bandwidth_gbs,
-    peak_memory_bytes,
-    print_rows,
-    row,
-    time_fn,
-)
+from bench.harness import peak_memory_bytes, row, run_bandwidth_bench, time_fn
 from fastrlhf.ops import ppo_policy_loss, value_loss
 from fastrlhf.ops.reference import ppo_policy_loss_reference, value_loss_reference
 
@@ -102,18 +95,12 @@ def bench_shape(b: int, t: int, device: str, ceiling: float) -> list[dict]:
     return rows
 
 
+def _cases(device: str) -> list[tuple]:
+    return [(512, 2048), (4096, 256)] if device == "cuda" else [(64, 512)]
+
+
 def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ceiling = copy_bandwidth_gbs(device)
-    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
-    shapes = [(512, 2048), (4096, 256)] if device == "cuda" else [(64, 512)]
-    rows = []
-    for b, t in shapes:
-        rows += bench_shape(b, t, device, ceiling)
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-    print_rows(rows)
-    print("appended to", append_rows("ppo_loss", rows, device))
+    run_bandwidth_bench("ppo_loss", _cases, bench_shape)
 
 
 if __name__ == "__main__":

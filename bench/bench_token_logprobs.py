@@ -24,14 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import (
-    append_rows,
-    copy_bandwidth_gbs,
-    peak_memory_bytes,
-    print_rows,
-    row,
-    time_fn,
-)
+from bench.harness import peak_memory_bytes, row, run_bandwidth_bench, time_fn
 from fastrlhf.ops import token_logprobs
 from fastrlhf.ops.reference import token_logprobs_reference
 
@@ -105,21 +98,14 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: str, ceiling: float)
     return rows
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ceiling = copy_bandwidth_gbs(device)
-    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
+def _cases(device: str) -> list[tuple]:
     if device == "cuda":
-        shapes = [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
-    else:
-        shapes = [(256, 32000, torch.float32), (64, 151936, torch.float32)]
-    rows = []
-    for n, v, dtype in shapes:
-        rows += bench_shape(n, v, dtype, device, ceiling)
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-    print_rows(rows)
-    print("appended to", append_rows("token_logprobs", rows, device))
+        return [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
+    return [(256, 32000, torch.float32), (64, 151936, torch.float32)]
+
+
+def main() -> None:
+    run_bandwidth_bench("token_logprobs", _cases, bench_shape)
 
 
 if __name__ == "__main__":

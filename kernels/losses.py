@@ -111,6 +111,18 @@ def _seq_bounds(cu_ptr, T, N, HAS_CU: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(off, end, mask_ptr, a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+    """One block of a sequence's tokens from ``off``: (idx, in range, mask, a, b, c), float32."""
+    idx = off + tl.arange(0, BLOCK)
+    ok = idx < end
+    m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
+    a = tl.load(a_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    return idx, ok, m, a, b, c
+
+
+@triton.jit
 def _store_partials(pp, sum_l, cnt, zero, m5, m6, m7, m8, m9, m10, m11, m12):
     nonempty = cnt > 0
     safe = tl.where(nonempty, cnt, 1.0)
@@ -295,12 +307,7 @@ def _ppo_fwd_kernel(
     acc_dual = tl.zeros([BLOCK], tl.float32)
     acc_pg = tl.zeros([BLOCK], tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        x = tl.load(logp_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(adv_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, x, o, a = _load_tokens(off, end, mask_ptr, logp_ptr, old_ptr, adv_ptr, BLOCK)
         pg, _, ratio, log_ratio, clipped, dual = _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL)
         loss = pg
         if HAS_KL:
@@ -342,12 +349,7 @@ def _ppo_bwd_kernel(
     start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     w = _agg_weight(grad_ptr, stats_ptr, partials_ptr, AGG)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        x = tl.load(logp_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(adv_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, x, o, a = _load_tokens(off, end, mask_ptr, logp_ptr, old_ptr, adv_ptr, BLOCK)
         _, dl, _, _, _, _ = _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL)
         if HAS_KL:
             r = tl.load(ref_ptr + idx, mask=ok, other=0.0).to(tl.float32)
@@ -400,12 +402,7 @@ def _value_fwd_kernel(
     acc_mse = tl.zeros([BLOCK], tl.float32)
     acc_vmax = tl.full([BLOCK], float("-inf"), tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ov = tl.load(ov_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ret = tl.load(ret_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, v, ov, ret = _load_tokens(off, end, mask_ptr, v_ptr, ov_ptr, ret_ptr, BLOCK)
         loss, _, clipped, l1 = _value_token(v, ov, ret, clip, HAS_CLIP)
         keep = m != 0
         acc_l += tl.where(keep, loss, 0.0) * m
@@ -432,12 +429,7 @@ def _value_bwd_kernel(
     start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     w = _agg_weight(grad_ptr, stats_ptr, partials_ptr, AGG)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ov = tl.load(ov_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ret = tl.load(ret_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, v, ov, ret = _load_tokens(off, end, mask_ptr, v_ptr, ov_ptr, ret_ptr, BLOCK)
         _, dl, _, _ = _value_token(v, ov, ret, clip, HAS_CLIP)
         scale = tl.where(m != 0, m * w, 0.0)
         tl.store(dv_ptr + idx, _out(dl * scale, ROUND_BF16).to(dv_ptr.dtype.element_ty), mask=ok)

@@ -165,34 +165,7 @@ def _dlogits_torch(
     return out.copy_(dz)
 
 
-# ------------------------------------------------------------------- shared fwd / bwd
-
-
-def _forward(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int,
-    return_entropy: bool,
-    use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    inv_temp = 1.0 / temperature
-    if use_triton:
-        from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
-
-        raw, entropy, lse = linear_logprobs_fwd(
-            hidden, weight, labels, bias, inv_temp, vocab_size, return_entropy
-        )
-    else:
-        raw, entropy, lse = _fwd_torch(
-            hidden, weight, labels, bias, inv_temp, vocab_size, return_entropy
-        )
-    ignored, bad, _ = label_masks(labels, ignore_index, vocab_size)
-    logprobs = raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
-    return logprobs, entropy, lse
+# ------------------------------------------------------------------- backward, the op
 
 
 def _backward(
@@ -293,8 +266,15 @@ def _op(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs [N], entropy [N] or [0], lse [N])."""
-    args = (hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy)
-    return _forward(*args, use_triton=impl == "triton")
+    args = (hidden, weight, labels, bias, 1.0 / temperature, vocab_size, return_entropy)
+    if impl == "triton":
+        from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
+
+        raw, entropy, lse = linear_logprobs_fwd(*args)
+    else:
+        raw, entropy, lse = _fwd_torch(*args)
+    ignored, bad, _ = label_masks(labels, ignore_index, vocab_size)
+    return raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0), entropy, lse
 
 
 # ---------------------------------------------------------------------- public API
