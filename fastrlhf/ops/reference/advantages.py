@@ -7,7 +7,7 @@ Shapes: N = packed tokens, B = sequences, T = padded length, G = groups.
   token), so benchmarks time it on a subset.
 - ``padded_gae_reference``: the loop every RLHF trainer runs, a reverse loop over the T
   time steps of padded [B, T] tensors in torch (one handful of kernels per step). It
-  is the PyTorch fallback of ``packed_gae`` and the "padded loop" benchmark provider.
+  is ``packed_gae(impl="torch")`` and the "padded loop" benchmark provider.
 - ``masked_whiten_reference``, ``group_advantages_reference``: Python loops over the
   elements, in float64.
 
