@@ -179,9 +179,10 @@ def _packed_gae_torch(rewards, values, cu_seqlens, gamma, lam, mask, bootstrap):
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
     steps = int(lengths.max()) if lengths.numel() else 0
     keep = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask  # [N]
-    r = unpack_to_padded(rewards, cu_seqlens, 0.0, steps)  # [B, T]
-    v = unpack_to_padded(values, cu_seqlens, 0.0, steps)  # [B, T]
-    m = unpack_to_padded(keep, cu_seqlens, False, steps)  # [B, T]; padding is masked
+    # the layout was checked by packed_gae
+    r = unpack_to_padded(rewards, cu_seqlens, 0.0, steps, validate=False)  # [B, T]
+    v = unpack_to_padded(values, cu_seqlens, 0.0, steps, validate=False)  # [B, T]
+    m = unpack_to_padded(keep, cu_seqlens, False, steps, validate=False)  # padding masked
     adv, _ = padded_gae_reference(r, v, m, gamma, lam, bootstrap)  # [B, T]
     adv = adv[seq, pos].float()  # [N]
     return adv, adv + values.float()
@@ -203,11 +204,17 @@ def unpack_to_padded(
     cu_seqlens: torch.Tensor,
     pad_value: float | bool = 0.0,
     max_len: int | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Packed [N, *] -> padded [B, T, *], each sequence at the left of its row.
 
     T is ``max_len`` or the longest sequence (which reads cu_seqlens on the host).
+    ``validate``: check that cu_seqlens is a packed layout of the N rows (packed_gae's
+    messages; a host sync on CUDA).
     """
+    if validate:
+        check_packed_layout("unpack_to_padded", cu_seqlens, x_packed.shape[0], "x_packed")
     cu = cu_seqlens.long()
     if max_len is None:
         max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
@@ -294,6 +301,7 @@ def group_advantages(
     gamma: float = 1.0,
     token_rewards: torch.Tensor | None = None,
     whiten: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Critic-free advantages from per-sequence scores [B] and group ids [B].
 
@@ -312,7 +320,8 @@ def group_advantages(
     are any integers (made dense with torch.unique, one host sync on CUDA).
 
     Returns float32: [B] per sequence, or with ``cu_seqlens`` the advantage of every
-    token [N] (masked tokens 0).
+    token [N] (masked tokens 0). ``validate`` checks that cu_seqlens is a packed layout
+    of the N tokens (packed_gae's messages; a host sync on CUDA).
     """
     if kind not in KINDS:
         raise ValueError(f"group_advantages: kind must be one of {KINDS}; got {kind!r}")
@@ -325,6 +334,13 @@ def group_advantages(
             f"group_advantages: cu_seqlens must be [B+1] = [{s.numel() + 1}]; "
             f"got {describe(cu_seqlens)}"
         )
+    if cu_seqlens is not None and validate:
+        of, tokens = next(
+            ((name, t) for name, t in (("mask", mask), ("token_rewards", token_rewards))
+             if t is not None), ("cu_seqlens[-1]", None),
+        )  # fmt: skip
+        total = tokens.numel() if tokens is not None else int(cu_seqlens[-1])
+        check_packed_layout("group_advantages", cu_seqlens, total, of)
     if kind == "reinforce++":
         if cu_seqlens is None:
             raise ValueError("group_advantages: kind='reinforce++' needs cu_seqlens")
