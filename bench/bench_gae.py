@@ -4,7 +4,7 @@ Providers, at 1M tokens as 256 x 4096 and as 8 x 131072 (float32 rewards/values,
 10% of tokens masked, bootstrap values):
   ours          fastrlhf.ops.packed_gae (C++ kernel on CPU, CUDA kernel on GPU)
   padded_loop   the reverse loop over T steps on padded [B, T] tensors in torch
-                (fastrlhf.ops.reference.padded_gae_loop), on the same device
+                (fastrlhf.ops.reference.padded_gae_reference), on the same device
   python_loop   the float64 Python loop over tokens (packed_gae_reference), CPU only
   alloc_write_floor  allocating and zero-filling the two [N] float32 outputs: the
                 floor under any op that returns fresh tensors
@@ -26,7 +26,7 @@ import torch
 
 from bench.harness import append_rows, copy_bandwidth_gbs, print_rows, row, time_fn
 from fastrlhf.ops import packed_gae, unpack_to_padded
-from fastrlhf.ops.reference import packed_gae_reference, padded_gae_loop
+from fastrlhf.ops.reference import packed_gae_reference, padded_gae_reference
 
 SHAPES = [(256, 4096), (8, 131_072)]
 GAMMA, LAM = 1.0, 0.95
@@ -70,7 +70,7 @@ def bench_shape(batch: int, length: int, device: str, ceiling_gbs: float) -> lis
     steps = min(length, 4096 if device == "cpu" else 2048)
     sl = lambda x: x[:, :steps].contiguous()  # [B, steps]
     rs, vs, ms = sl(rp), sl(vp), sl(mp)
-    t = time_fn(lambda: padded_gae_loop(rs, vs, ms, GAMMA, LAM, boot), device, warmup=1, rep=3)
+    t = time_fn(lambda: padded_gae_reference(rs, vs, ms, GAMMA, LAM, boot), device, warmup=1, rep=3)
     scale = length / steps
     t_pad = type(t)(t.median_ms * scale, t.p20_ms * scale, t.p80_ms * scale)
     rows.append(

@@ -4,7 +4,7 @@
 
 Providers:
   unfused-torch       hidden @ W.T in the model dtype -> float32 log_softmax -> gather
-                      (fastrlhf.ops.reference.linear_token_logprobs_ref)
+                      (fastrlhf.ops.reference.linear_token_logprobs_reference)
   unfused-compiled    torch.compile of the same (CUDA only: compiling on CPU costs minutes)
   ours-triton         impl="triton" (CUDA only: on CPU it would time the interpreter)
   ours-chunked-torch  impl="torch", vocabulary blocks with torch.mm
@@ -28,7 +28,7 @@ import torch
 
 from bench import harness
 from fastrlhf.ops import linear_token_logprobs
-from fastrlhf.ops.reference import linear_token_logprobs_ref
+from fastrlhf.ops.reference import linear_token_logprobs_reference
 
 OP = "linear_logprobs"
 
@@ -43,7 +43,7 @@ def _liger():
 
 
 def providers(device: torch.device) -> dict:
-    out = {"unfused-torch": lambda h, w, y: linear_token_logprobs_ref(h, w, y).sum()}
+    out = {"unfused-torch": lambda h, w, y: linear_token_logprobs_reference(h, w, y).sum()}
     if device.type == "cuda":
         out["unfused-compiled"] = torch.compile(out["unfused-torch"])
         out["ours-triton"] = lambda h, w, y: linear_token_logprobs(
@@ -108,7 +108,7 @@ def bench_case(n, h, v, dtype, device, peak_flops) -> list[dict]:
 _RSS_CODE = """
 import torch
 from fastrlhf.ops import linear_token_logprobs
-from fastrlhf.ops.reference import linear_token_logprobs_ref
+from fastrlhf.ops.reference import linear_token_logprobs_reference
 torch.manual_seed(0)
 n, h, v = {n}, {h}, {v}
 hidden = torch.randn(n, h).requires_grad_()
@@ -119,7 +119,7 @@ if {ours}:
     torch.autograd.grad(lp.sum(), (hidden, weight))
 else:
     with torch.no_grad():
-        linear_token_logprobs_ref(hidden, weight, labels)
+        linear_token_logprobs_reference(hidden, weight, labels)
 """
 
 

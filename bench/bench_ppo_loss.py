@@ -1,7 +1,7 @@
 """Benchmark of ppo_policy_loss (and value_loss): the fused kernels against the op chain.
 
 Providers:
-  reference     fastrlhf.ops.reference.ppo_policy_loss_ref: the elementwise PyTorch
+  reference     fastrlhf.ops.reference.ppo_policy_loss_reference: the elementwise PyTorch
                 chain a trainer runs (~25 ops, one launch and one [N] pass each)
   compiled_ref  torch.compile of the reference (CUDA only: on CPU the compile time
                 dwarfs the run)
@@ -25,16 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import (
-    append_rows,
-    copy_bandwidth_gbs,
-    peak_memory_bytes,
-    print_rows,
-    row,
-    time_fn,
-)
+from bench.harness import peak_memory_bytes, row, run_bandwidth_bench, time_fn
 from fastrlhf.ops import ppo_policy_loss, value_loss
-from fastrlhf.ops.reference import ppo_policy_loss_ref, value_loss_ref
+from fastrlhf.ops.reference import ppo_policy_loss_reference, value_loss_reference
 
 KW = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_kind="k3",
           entropy_coef=0.01, agg="seq-mean-token-mean")  # fmt: skip
@@ -68,16 +61,16 @@ def bench_shape(b: int, t: int, device: str, ceiling: float) -> list[dict]:
     logp, old, adv, ref, ent, mask = make_batch(b, t, device)
     n = b * t
     providers = {
-        ("ppo_policy_loss", "reference"): (_ppo(ppo_policy_loss_ref), 21, 46),
+        ("ppo_policy_loss", "reference"): (_ppo(ppo_policy_loss_reference), 21, 46),
         ("ppo_policy_loss", "ours"): (_ppo(ppo_policy_loss), 21, 46),
-        ("value_loss", "reference"): (_value(value_loss_ref), 13, 30),
+        ("value_loss", "reference"): (_value(value_loss_reference), 13, 30),
         ("value_loss", "ours"): (_value(value_loss), 13, 30),
     }
     if device == "cuda":
         providers[("ppo_policy_loss", "compiled_ref")] = (
-            _ppo(torch.compile(ppo_policy_loss_ref)), 21, 46)  # fmt: skip
+            _ppo(torch.compile(ppo_policy_loss_reference)), 21, 46)  # fmt: skip
         providers[("value_loss", "compiled_ref")] = (
-            _value(torch.compile(value_loss_ref)), 13, 30)  # fmt: skip
+            _value(torch.compile(value_loss_reference)), 13, 30)  # fmt: skip
     rows = []
     baseline: dict[tuple[str, str], float] = {}
     for (op, name), (fn, fwd_bytes, full_bytes) in providers.items():
@@ -102,18 +95,12 @@ def bench_shape(b: int, t: int, device: str, ceiling: float) -> list[dict]:
     return rows
 
 
+def _cases(device: str) -> list[tuple]:
+    return [(512, 2048), (4096, 256)] if device == "cuda" else [(64, 512)]
+
+
 def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ceiling = copy_bandwidth_gbs(device)
-    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
-    shapes = [(512, 2048), (4096, 256)] if device == "cuda" else [(64, 512)]
-    rows = []
-    for b, t in shapes:
-        rows += bench_shape(b, t, device, ceiling)
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-    print_rows(rows)
-    print("appended to", append_rows("ppo_loss", rows, device))
+    run_bandwidth_bench("ppo_loss", _cases, bench_shape)
 
 
 if __name__ == "__main__":

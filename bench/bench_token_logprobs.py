@@ -2,7 +2,7 @@
 
 Providers (each gives -log p or log p of the labels; "full" = forward + backward of
 the sum):
-  reference      float32 log_softmax + gather (fastrlhf.ops.reference.token_logprobs_ref)
+  reference      float32 log_softmax + gather (fastrlhf.ops.reference.token_logprobs_reference)
   compiled_ref   torch.compile of the reference (CUDA only: on CPU its compile time
                  dwarfs the run)
   ours           fastrlhf.ops.token_logprobs (Triton on CUDA; the chunked PyTorch path
@@ -24,16 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import (
-    append_rows,
-    copy_bandwidth_gbs,
-    peak_memory_bytes,
-    print_rows,
-    row,
-    time_fn,
-)
+from bench.harness import peak_memory_bytes, row, run_bandwidth_bench, time_fn
 from fastrlhf.ops import token_logprobs
-from fastrlhf.ops.reference import token_logprobs_ref
+from fastrlhf.ops.reference import token_logprobs_reference
 
 
 def _peers():
@@ -56,12 +49,12 @@ def _peers():
 
 def providers(device: str) -> dict:
     out = {
-        "reference": lambda x, y: token_logprobs_ref(x, y),
+        "reference": lambda x, y: token_logprobs_reference(x, y),
         "ours": lambda x, y: token_logprobs(x, y, validate=False),
         "ours_inplace": lambda x, y: token_logprobs(x, y, validate=False, inplace_backward=True),
     }
     if device == "cuda":
-        out["compiled_ref"] = torch.compile(token_logprobs_ref)
+        out["compiled_ref"] = torch.compile(token_logprobs_reference)
     out.update(_peers())
     return out
 
@@ -105,21 +98,14 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: str, ceiling: float)
     return rows
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ceiling = copy_bandwidth_gbs(device)
-    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
+def _cases(device: str) -> list[tuple]:
     if device == "cuda":
-        shapes = [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
-    else:
-        shapes = [(256, 32000, torch.float32), (64, 151936, torch.float32)]
-    rows = []
-    for n, v, dtype in shapes:
-        rows += bench_shape(n, v, dtype, device, ceiling)
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-    print_rows(rows)
-    print("appended to", append_rows("token_logprobs", rows, device))
+        return [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
+    return [(256, 32000, torch.float32), (64, 151936, torch.float32)]
+
+
+def main() -> None:
+    run_bandwidth_bench("token_logprobs", _cases, bench_shape)
 
 
 if __name__ == "__main__":

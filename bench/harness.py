@@ -208,3 +208,19 @@ def print_rows(rows: list[dict]) -> None:
             v = r.get(k)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         print(" | ".join(cells))
+
+
+def run_bandwidth_bench(
+    op: str, cases: Callable[[str], list[tuple]], bench_case: Callable[..., list[dict]]
+) -> None:
+    """The main() of a memory-bound op's benchmark: measure the copy bandwidth (the
+    ceiling), run ``bench_case(*case, device, ceiling)`` for each of ``cases(device)``,
+    print the rows and append them to bench/results/<op>.jsonl."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ceiling = copy_bandwidth_gbs(device)
+    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
+    rows = [r for case in cases(device) for r in bench_case(*case, device, ceiling)]
+    for r in rows:
+        r["copy_bw_gbs"] = ceiling
+    print_rows(rows)
+    print("appended to", append_rows(op, rows, device))

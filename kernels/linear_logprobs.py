@@ -28,19 +28,15 @@ costs milliseconds.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels import interpreting
+
 # Every BLOCK_V below divides this, so a forward split (a multiple of it) is walked in
 # whole tiles and only the split that ends at V needs a column mask.
 _SPLIT_ALIGN = 2048
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _gpu_configs() -> list[triton.Config]:

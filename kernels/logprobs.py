@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels import interpreting
+
 # Autotuned on GPU; under the interpreter the launchers bypass the autotuner (more than
 # one config crashes there) and pick one large block, since every program instance and
 # every loop iteration costs milliseconds of numpy work.
@@ -43,13 +45,9 @@ _CONFIGS = [
 _INTERPRETER_MAX_BLOCK = 1 << 15
 
 
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret
-
-
 def needs_bf16_rounding(t: torch.Tensor) -> bool:
     """The interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even)."""
-    return t.dtype == torch.bfloat16 and _interpreting()
+    return t.dtype == torch.bfloat16 and interpreting()
 
 
 @triton.jit
@@ -211,7 +209,7 @@ def token_logprobs_fwd(
     t_inner, s_outer, s_inner = layout
     args = (logits, labels, logp, lse, entropy, t_inner, s_outer, s_inner, vocab_size, v_total)
     args += (inv_temp, ignore_index)
-    if _interpreting():
+    if interpreting():
         _token_logprobs_fwd_kernel.fn[(n,)](
             *args, HAS_ENTROPY=return_entropy, BLOCK_V=_block(vocab_size)
         )
@@ -244,7 +242,7 @@ def token_logprobs_bwd(
     args = (logits, dlogits, labels, lse, entropy if has_h else lse, grad_logp)
     args += (grad_entropy if has_h else grad_logp, t_inner, s_outer, s_inner)
     args += (d_layout[1], d_layout[2], vocab_size, v_total, inv_temp, ignore_index)
-    if _interpreting():
+    if interpreting():
         rnd = needs_bf16_rounding(dlogits)
         _token_logprobs_bwd_kernel[(n,)](
             *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=rnd, BLOCK_V=_block(v_total)

@@ -21,9 +21,10 @@ ppo_policy_loss / value_loss: ONE launch forward and ONE launch backward.
 Parallelism is therefore the number of sequences; a batch of very few very long
 sequences would use few SMs (split such sequences into more rows upstream).
 
-Sequence s covers tokens [s * T, (s + 1) * T) (padded) or [cu[s], cu[s + 1]) (packed).
-Tokens of a packed input outside [cu[0], cu[S]) get a zero gradient (written by the
-first and last programs, so the gradient buffer needs no zero-fill).
+Sequence s covers tokens [s * T, (s + 1) * T) (padded) or [cu[s], cu[s + 1]) (packed,
+each offset clamped into [0, N], so no layout can make a kernel read or write out of
+bounds). A packed input's gradient buffer is zero-filled: a token no sequence covers
+(only an invalid layout leaves one) gets 0.
 
 Statistics layout (partials[s, j] and, after the reduction, stats[j]):
     0 loss (stats) / sum m*l (partials)   1 sum m   2 sum of per-sequence means
@@ -37,13 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels import interpreting
 from fastrlhf.kernels.logprobs import needs_bf16_rounding, round_to_bf16
 
-K = 16  # statistics slots; fastrlhf.ops.losses names them (the layout is above)
-
-
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret
+K = 16  # statistics slots (the layout is above)
+# metric name -> its slot of stats, as _store_partials below fills them
+PPO_METRICS = {
+    "clip_frac": 5, "dual_clip_frac": 11, "approx_kl": 6, "ratio_mean": 7, "ratio_max": 8,
+    "pg_loss": 12, "kl": 9, "entropy": 10,
+}  # fmt: skip
+VALUE_METRICS = {"clip_frac": 5, "values_mean": 6, "values_max": 8, "mse": 7}
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,15 +97,29 @@ def _kl_value_grad(x, ref, KIND: tl.constexpr, ST: tl.constexpr):
 
 
 @triton.jit
-def _seq_bounds(cu_ptr, T, HAS_CU: tl.constexpr):
+def _seq_bounds(cu_ptr, T, N, HAS_CU: tl.constexpr):
     s = tl.program_id(0)
     if HAS_CU:
-        start = tl.load(cu_ptr + s).to(tl.int64)
-        end = tl.load(cu_ptr + s + 1).to(tl.int64)
+        # Clamped into [0, N] and end >= start: offsets that are not a valid layout
+        # (validate=False) give wrong sums, never a read or write outside the buffers.
+        start = tl.minimum(tl.maximum(tl.load(cu_ptr + s).to(tl.int64), 0), N)
+        end = tl.minimum(tl.maximum(tl.load(cu_ptr + s + 1).to(tl.int64), start), N)
     else:
         start = s.to(tl.int64) * T
         end = start + T
     return start, end
+
+
+@triton.jit
+def _load_tokens(off, end, mask_ptr, a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+    """One block of a sequence's tokens from ``off``: (idx, in range, mask, a, b, c), float32."""
+    idx = off + tl.arange(0, BLOCK)
+    ok = idx < end
+    m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
+    a = tl.load(a_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    return idx, ok, m, a, b, c
 
 
 @triton.jit
@@ -182,23 +200,6 @@ def _agg_weight(grad_ptr, stats_ptr, partials_ptr, AGG: tl.constexpr):
     return tl.where(den > 0, g / tl.where(den > 0, den, 1.0), 0.0)
 
 
-@triton.jit
-def _zero_outside(d_ptr, cu_ptr, N, S, BLOCK: tl.constexpr):
-    """Packed inputs: zero the gradient of tokens before cu[0] and after cu[S]."""
-    s = tl.program_id(0)
-    zeros = tl.zeros([BLOCK], d_ptr.dtype.element_ty)
-    if s == 0:
-        head = tl.load(cu_ptr).to(tl.int64)
-        for off in range(0, head, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            tl.store(d_ptr + idx, zeros, mask=idx < head)
-    if s == S - 1:
-        tail = tl.load(cu_ptr + S).to(tl.int64)
-        for off in range(tail, N, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            tl.store(d_ptr + idx, zeros, mask=idx < N)
-
-
 # ---------------------------------------------------------------------------------------
 # kl_penalty
 
@@ -231,7 +232,7 @@ def _kl_bwd_kernel(
 
 
 def _elementwise_block(n: int) -> int:
-    if _interpreting():
+    if interpreting():
         return min(triton.next_power_of_2(max(n, 16)), 1 << 16)
     return 1024
 
@@ -289,12 +290,12 @@ def _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL: tl.constexpr):
 def _ppo_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr,
     partials_ptr, stats_ptr, counter_ptr,
-    T, P, clip_lo, clip_hi, dual_c, kl_coef, ent_coef,
+    T, N, P, clip_lo, clip_hi, dual_c, kl_coef, ent_coef,
     HAS_CU: tl.constexpr, DUAL: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
     KL_ST: tl.constexpr, HAS_ENT: tl.constexpr, AGG: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    start, end = _seq_bounds(cu_ptr, T, HAS_CU)
+    start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     acc_l = tl.zeros([BLOCK], tl.float32)
     acc_m = tl.zeros([BLOCK], tl.float32)
     acc_clip = tl.zeros([BLOCK], tl.float32)
@@ -306,12 +307,7 @@ def _ppo_fwd_kernel(
     acc_dual = tl.zeros([BLOCK], tl.float32)
     acc_pg = tl.zeros([BLOCK], tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        x = tl.load(logp_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(adv_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, x, o, a = _load_tokens(off, end, mask_ptr, logp_ptr, old_ptr, adv_ptr, BLOCK)
         pg, _, ratio, log_ratio, clipped, dual = _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL)
         loss = pg
         if HAS_KL:
@@ -350,15 +346,10 @@ def _ppo_bwd_kernel(
     KL_ST: tl.constexpr, HAS_ENT: tl.constexpr, AGG: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    start, end = _seq_bounds(cu_ptr, T, HAS_CU)
+    start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     w = _agg_weight(grad_ptr, stats_ptr, partials_ptr, AGG)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        x = tl.load(logp_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        a = tl.load(adv_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, x, o, a = _load_tokens(off, end, mask_ptr, logp_ptr, old_ptr, adv_ptr, BLOCK)
         _, dl, _, _, _, _ = _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL)
         if HAS_KL:
             r = tl.load(ref_ptr + idx, mask=ok, other=0.0).to(tl.float32)
@@ -370,10 +361,6 @@ def _ppo_bwd_kernel(
         )
         if HAS_ENT:
             tl.store(dent_ptr + idx, (-ent_coef * scale).to(dent_ptr.dtype.element_ty), mask=ok)
-    if HAS_CU:
-        _zero_outside(dlogp_ptr, cu_ptr, N, S, BLOCK)
-        if HAS_ENT:
-            _zero_outside(dent_ptr, cu_ptr, N, S, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,11 +390,11 @@ def _value_token(v, ov, ret, clip, HAS_CLIP: tl.constexpr):
 
 @triton.jit
 def _value_fwd_kernel(
-    v_ptr, ov_ptr, ret_ptr, mask_ptr, cu_ptr, partials_ptr, stats_ptr, counter_ptr, T, P, clip,
+    v_ptr, ov_ptr, ret_ptr, mask_ptr, cu_ptr, partials_ptr, stats_ptr, counter_ptr, T, N, P, clip,
     HAS_CU: tl.constexpr, HAS_CLIP: tl.constexpr, AGG: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    start, end = _seq_bounds(cu_ptr, T, HAS_CU)
+    start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     acc_l = tl.zeros([BLOCK], tl.float32)
     acc_m = tl.zeros([BLOCK], tl.float32)
     acc_clip = tl.zeros([BLOCK], tl.float32)
@@ -415,12 +402,7 @@ def _value_fwd_kernel(
     acc_mse = tl.zeros([BLOCK], tl.float32)
     acc_vmax = tl.full([BLOCK], float("-inf"), tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ov = tl.load(ov_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ret = tl.load(ret_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, v, ov, ret = _load_tokens(off, end, mask_ptr, v_ptr, ov_ptr, ret_ptr, BLOCK)
         loss, _, clipped, l1 = _value_token(v, ov, ret, clip, HAS_CLIP)
         keep = m != 0
         acc_l += tl.where(keep, loss, 0.0) * m
@@ -444,20 +426,13 @@ def _value_bwd_kernel(
     HAS_CU: tl.constexpr, HAS_CLIP: tl.constexpr, AGG: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    start, end = _seq_bounds(cu_ptr, T, HAS_CU)
+    start, end = _seq_bounds(cu_ptr, T, N, HAS_CU)
     w = _agg_weight(grad_ptr, stats_ptr, partials_ptr, AGG)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        ok = idx < end
-        m = tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ov = tl.load(ov_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        ret = tl.load(ret_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        idx, ok, m, v, ov, ret = _load_tokens(off, end, mask_ptr, v_ptr, ov_ptr, ret_ptr, BLOCK)
         _, dl, _, _ = _value_token(v, ov, ret, clip, HAS_CLIP)
         scale = tl.where(m != 0, m * w, 0.0)
         tl.store(dv_ptr + idx, _out(dl * scale, ROUND_BF16).to(dv_ptr.dtype.element_ty), mask=ok)
-    if HAS_CU:
-        _zero_outside(dv_ptr, cu_ptr, N, S, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,7 +441,7 @@ def _value_bwd_kernel(
 
 def _blocks(n: int, s: int) -> tuple[int, int, int]:
     """(BLOCK over tokens, BLOCK_P over sequences, num_warps)."""
-    if _interpreting():
+    if interpreting():
         per_seq = max(1, n // max(s, 1))
         return min(triton.next_power_of_2(per_seq), 4096), 1024, 1
     return 1024, 64, 4
@@ -489,7 +464,7 @@ def ppo_fwd(logp, old, adv, mask, ref, ent, cu, t, s, clip_lo, clip_hi, dual, kl
     _ppo_fwd_kernel[(s,)](
         logp, old, adv, mask, ref if ref is not None else logp, ent if ent is not None else logp,
         cu if cu is not None else counter, partials, stats, counter,
-        t, s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef, ent_coef,
+        t, logp.numel(), s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef, ent_coef,
         HAS_CU=cu is not None, DUAL=dual is not None, HAS_KL=ref is not None,
         KL_KIND=kl_kind, KL_ST=kl_st, HAS_ENT=ent is not None, AGG=agg,
         BLOCK=block, BLOCK_P=block_p, num_warps=warps,
@@ -500,8 +475,9 @@ def ppo_fwd(logp, old, adv, mask, ref, ent, cu, t, s, clip_lo, clip_hi, dual, kl
 def ppo_bwd(logp, old, adv, mask, ref, cu, partials, stats, grad, t, s, clip_lo, clip_hi, dual,
             kl_coef, kl_kind, kl_st, ent_coef, want_dent, agg):  # fmt: skip
     """Returns (d logp [N] in logp's dtype, d entropy [N] float32 or None)."""
-    dlogp = torch.empty_like(logp) if s else torch.zeros_like(logp)
-    new = torch.empty if s else torch.zeros
+    # packed: tokens outside every sequence are never visited, so they start at 0
+    new = torch.empty if s and cu is None else torch.zeros
+    dlogp = new(logp.shape, dtype=logp.dtype, device=logp.device)
     dent = new(logp.shape, dtype=torch.float32, device=logp.device) if want_dent else None
     if s == 0:
         return dlogp, dent
@@ -525,7 +501,7 @@ def value_fwd(values, old, returns, mask, cu, t, s, clip, agg):
     block, block_p, warps = _blocks(values.numel(), s)
     _value_fwd_kernel[(s,)](
         values, old, returns, mask, cu if cu is not None else counter, partials, stats, counter,
-        t, s, clip if clip is not None else 0.0,
+        t, values.numel(), s, clip if clip is not None else 0.0,
         HAS_CU=cu is not None, HAS_CLIP=clip is not None, AGG=agg, BLOCK=block, BLOCK_P=block_p,
         num_warps=warps,
     )  # fmt: skip
@@ -533,7 +509,8 @@ def value_fwd(values, old, returns, mask, cu, t, s, clip, agg):
 
 
 def value_bwd(values, old, returns, mask, cu, partials, stats, grad, t, s, clip, agg):
-    dv = torch.empty_like(values) if s else torch.zeros_like(values)
+    new = torch.empty if s and cu is None else torch.zeros
+    dv = new(values.shape, dtype=values.dtype, device=values.device)
     if s == 0:
         return dv
     block, _, warps = _blocks(values.numel(), s)

@@ -98,7 +98,11 @@ def _missing_model(tmp, model, done, mp):
 
 
 def _offline_hub_id(tmp, model, done, mp):
+    import huggingface_hub.constants
+
     mp.setenv("HF_HUB_OFFLINE", "1")
+    # the hub reads the variable once, at import, which an earlier test may have done
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return _sft(tmp / "r", "nobody-xyz/no-such-model"), "'nobody-xyz/no-such-model'"
 
 
@@ -197,7 +201,7 @@ def _permission_denied(tmp, model, done, mp):
     def denied(cfg, path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    mp.setattr("fastrlhf.trainers.loop.save_config", denied)
+    mp.setattr("fastrlhf.trainers.run_dir.save_config", denied)
     return _sft(tmp / "r", model), "permission denied: " + str(tmp / "r" / "config.yaml")
 
 
@@ -275,7 +279,7 @@ def test_internal_errors_keep_their_traceback(tmp_path, model_dir, monkeypatch):
     def bug(*a, **k):
         raise RuntimeError("an internal bug")
 
-    monkeypatch.setattr("fastrlhf.trainers.loop.save_config", bug)
+    monkeypatch.setattr("fastrlhf.trainers.run_dir.save_config", bug)
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(_sft(tmp_path / "r", model_dir))
 

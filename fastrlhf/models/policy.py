@@ -127,10 +127,10 @@ class PolicyModel(torch.nn.Module):
             kwargs["return_entropy"] = True
         t = self.head
         if reference:
-            from fastrlhf.ops.reference.logprobs import token_logprobs_ref
+            from fastrlhf.ops.reference.logprobs import token_logprobs_reference
 
             logits = self._logits_at_least_fp32(hidden, weight, bias)  # [n, V]
-            return token_logprobs_ref(
+            return token_logprobs_reference(
                 logits, labels, temperature, return_entropy=return_entropy,
                 vocab_size=self.vocab_size,
             )  # fmt: skip

@@ -1,8 +1,10 @@
 """fastrlhf.ops: the public drop-in API. It depends on torch and triton only.
 
-Each op has a pure-PyTorch reference in ``fastrlhf.ops.reference``, a fused kernel
-(Triton in ``fastrlhf.kernels`` or C++/CUDA in ``fastrlhf._C``), a backward, and a
-path that runs on a machine without a GPU.
+Each op has a pure-PyTorch reference in ``fastrlhf.ops.reference`` (``<op>_reference``
+in ``reference/<module>.py``), a fused kernel (Triton in ``fastrlhf.kernels`` or C++/CUDA
+in ``fastrlhf._C``), a backward, and a path that runs on a machine without a GPU. The
+fused ops are defined through ``ops._library.fused_op`` and pick their backend with
+``impl=`` ("auto", "triton" or "extension", "torch", "reference").
 
 Names are resolved lazily (PEP 562) so that ``import fastrlhf.ops`` stays cheap and
 does not import triton until an op that needs it is used.
@@ -11,7 +13,6 @@ does not import triton until an op that needs it is used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 # public name -> submodule of fastrlhf.ops that defines it
 _EXPORTS: dict[str, str] = {
@@ -42,7 +43,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass

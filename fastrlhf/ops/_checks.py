@@ -13,6 +13,10 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The choices of the loss ops' string arguments (the ops and their references check them).
+KL_KINDS = ("k1", "abs", "k2", "k3", "k1+st", "abs+st", "k2+st", "k3+st")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 
 
 def describe(t: torch.Tensor) -> str:
@@ -113,3 +117,26 @@ def check_positive_float(name: str, value: object) -> float:
     if not (value > 0 and value != float("inf")):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
     return float(value)
+
+
+def check_packed_layout(op: str, cu_seqlens: torch.Tensor, total: int, of: str) -> None:
+    """ValueError unless ``cu_seqlens`` starts at 0, never decreases and ends at ``total``.
+
+    The messages are packed_gae's (csrc/gae_checks.h), with ``op`` in the place of
+    packed_gae and ``of`` naming the tensor whose length is ``total``. Reads the offsets
+    on the host: one device sync on CUDA, which is why the ops make it ``validate=``.
+    """
+    cu = cu_seqlens.tolist()  # [B+1]
+    if cu[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0; got cu_seqlens[0] = {cu[0]}")
+    for b in range(len(cu) - 1):
+        if cu[b + 1] < cu[b]:
+            raise ValueError(
+                f"{op}: cu_seqlens must not decrease; got cu_seqlens[{b}] = {cu[b]} > "
+                f"cu_seqlens[{b + 1}] = {cu[b + 1]}"
+            )
+    if cu[-1] != total:
+        raise ValueError(
+            f"{op}: cu_seqlens must end at total_tokens = {total} (len({of})); "
+            f"got cu_seqlens[{len(cu) - 1}] = {cu[-1]}"
+        )

@@ -4,10 +4,12 @@ Shapes: N = packed tokens, B = sequences, T = padded length, G = groups. A packe
 batch is a flat [N] tensor plus ``cu_seqlens`` [B+1] int32 (sequence b holds tokens
 ``cu_seqlens[b]:cu_seqlens[b+1]``; empty sequences are allowed).
 
-- ``packed_gae``: Generalized Advantage Estimation in one pass over packed sequences,
-  the torch.library op ``fastrlhf::packed_gae`` (C++ CPU kernel parallel over
-  sequences, CUDA kernel parallel over tokens; csrc/). Without the compiled extension
-  it falls back to the padded reverse loop in torch.
+- ``packed_gae``: Generalized Advantage Estimation in one pass over packed sequences.
+  ``impl="extension"``: the torch.library op ``fastrlhf::packed_gae`` (C++ CPU kernel
+  parallel over sequences, CUDA kernel parallel over tokens; csrc/); ``"torch"``: the
+  padded reverse loop (``padded_gae_reference``) on the unpacked batch;
+  ``"reference"``: the float64 Python loop ``packed_gae_reference``; ``"auto"``: the
+  extension where it is built for the device, else torch.
 - ``masked_whiten``: global masked whitening (unbiased variance, as in TRL/OpenRLHF).
 - ``pack_padded`` / ``unpack_to_padded``: conversions between [B, T] and packed [N].
 - ``group_advantages``: critic-free advantages from per-sequence scores and group
@@ -37,10 +39,11 @@ from __future__ import annotations
 import torch
 
 from fastrlhf._ext import extension_available
-from fastrlhf.ops._checks import FLOAT_DTYPES, describe
-from fastrlhf.ops.reference.advantages import padded_gae_loop
+from fastrlhf.ops._checks import FLOAT_DTYPES, check_packed_layout, describe
+from fastrlhf.ops.reference.advantages import packed_gae_reference, padded_gae_reference
 
 KINDS = ("grpo", "dr_grpo", "rloo", "reinforce++")
+GAE_IMPLS = ("auto", "extension", "torch", "reference")
 
 
 def _packed_gae_fake(
@@ -53,15 +56,13 @@ def _packed_gae_fake(
 
 
 # torch.library can only attach a fake to an op that exists, so this loads the
-# extension (once; a missing one is a warning and the fallback path). The answer is
-# kept in a plain global that torch.compile can guard on, rather than calling the
-# cached loader inside traced code; tests flip it to exercise the fallback.
-_USE_EXTENSION = extension_available()
-# device types the compiled op serves: a CPU-only build has no CUDA kernel, and CUDA
-# inputs then take the fallback instead of failing in the dispatcher ("meta" is the
-# fake implementation)
+# extension (once; a missing one is a warning, and "auto" takes the torch path). The
+# device types the compiled op serves are kept in a plain global that torch.compile can
+# guard on, rather than calling the cached loader inside traced code: a CPU-only build
+# has no CUDA kernel, and CUDA inputs then take the torch path instead of failing in
+# the dispatcher ("meta" is the fake implementation).
 _EXTENSION_DEVICES: frozenset[str] = frozenset()
-if _USE_EXTENSION:
+if extension_available():
     torch.library.register_fake("fastrlhf::packed_gae", _packed_gae_fake)
     _has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastrlhf::packed_gae", "CUDA")
     _EXTENSION_DEVICES = frozenset({"cpu", "meta"} | ({"cuda"} if _has_cuda else set()))
@@ -77,6 +78,7 @@ def packed_gae(
     bootstrap: torch.Tensor | None = None,
     *,
     validate: bool = False,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over packed sequences: ``(advantages [N], returns [N])``, float32.
 
@@ -91,27 +93,35 @@ def packed_gae(
             truncated sequences); omitted, every sequence ends in a terminal state.
         validate: on CUDA, also check the values of cu_seqlens (one device sync).
             On the CPU they are always checked.
+        impl: "auto", "extension", "torch" or "reference" (the module docstring).
 
     Bad inputs raise TypeError (dtype) or ValueError (shape, device, layout, values)
-    naming the argument, on the compiled and the fallback path alike.
+    naming the argument, on every impl alike.
 
     Not differentiable (advantages are constants of the policy loss). The compiled op
-    works under torch.compile(fullgraph=True); the fallback reads the longest
+    works under torch.compile(fullgraph=True); the torch path reads the longest
     sequence length on the host, so under torch.compile it breaks the graph.
     """
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         mask = mask != 0
-    if (
-        _USE_EXTENSION
-        and isinstance(rewards, torch.Tensor)
-        and (rewards.device.type in _EXTENSION_DEVICES)
-    ):
+    if impl not in GAE_IMPLS:
+        raise ValueError(f"packed_gae: impl must be one of {GAE_IMPLS}; got {impl!r}")
+    device = rewards.device.type if isinstance(rewards, torch.Tensor) else None
+    if impl == "extension" and device not in _EXTENSION_DEVICES:
+        raise ValueError(
+            f"packed_gae: impl='extension' needs fastrlhf._C built for {device} tensors; "
+            f"it serves {sorted(_EXTENSION_DEVICES - {'meta'}) or 'no device (not built)'}"
+        )
+    if impl == "extension" or (impl == "auto" and device in _EXTENSION_DEVICES):
         return torch.ops.fastrlhf.packed_gae(
             rewards, values, cu_seqlens, gamma, lam, mask, bootstrap, validate
         )
     _check_packed_gae_inputs(rewards, values, cu_seqlens, mask, bootstrap)
     if validate or cu_seqlens.device.type == "cpu":
-        _check_cu_seqlens_values(cu_seqlens, rewards.numel())
+        check_packed_layout("packed_gae", cu_seqlens, rewards.numel(), "rewards")
+    if impl == "reference":
+        adv, ret = packed_gae_reference(rewards, values, cu_seqlens, gamma, lam, mask, bootstrap)
+        return adv.float().to(rewards.device), ret.float().to(rewards.device)
     return _packed_gae_torch(rewards, values, cu_seqlens, gamma, lam, mask, bootstrap)
 
 
@@ -163,33 +173,17 @@ def _check_packed_gae_inputs(rewards, values, cu_seqlens, mask, bootstrap) -> No
             )
 
 
-def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
-    cu = cu_seqlens.tolist()  # [B+1]; a host copy (a sync on CUDA: callers opt in)
-    if cu[0] != 0:
-        raise ValueError(f"packed_gae: cu_seqlens must start at 0; got cu_seqlens[0] = {cu[0]}")
-    for b in range(len(cu) - 1):
-        if cu[b + 1] < cu[b]:
-            raise ValueError(
-                f"packed_gae: cu_seqlens must not decrease; got cu_seqlens[{b}] = {cu[b]} > "
-                f"cu_seqlens[{b + 1}] = {cu[b + 1]}"
-            )
-    if cu[-1] != total:
-        raise ValueError(
-            f"packed_gae: cu_seqlens must end at total_tokens = {total} (len(rewards)); "
-            f"got cu_seqlens[{len(cu) - 1}] = {cu[-1]}"
-        )
-
-
 def _packed_gae_torch(rewards, values, cu_seqlens, gamma, lam, mask, bootstrap):
-    """Fallback: unpack to [B, T], run the padded reverse loop, pack back."""
+    """impl="torch": unpack to [B, T], run the padded reverse loop, pack back."""
     seq, pos = _token_coords(cu_seqlens, rewards.numel())  # [N], [N]
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
     steps = int(lengths.max()) if lengths.numel() else 0
     keep = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask  # [N]
-    r = unpack_to_padded(rewards, cu_seqlens, 0.0, steps)  # [B, T]
-    v = unpack_to_padded(values, cu_seqlens, 0.0, steps)  # [B, T]
-    m = unpack_to_padded(keep, cu_seqlens, False, steps)  # [B, T]; padding is masked
-    adv, _ = padded_gae_loop(r, v, m, gamma, lam, bootstrap)  # [B, T]
+    # the layout was checked by packed_gae
+    r = unpack_to_padded(rewards, cu_seqlens, 0.0, steps, validate=False)  # [B, T]
+    v = unpack_to_padded(values, cu_seqlens, 0.0, steps, validate=False)  # [B, T]
+    m = unpack_to_padded(keep, cu_seqlens, False, steps, validate=False)  # padding masked
+    adv, _ = padded_gae_reference(r, v, m, gamma, lam, bootstrap)  # [B, T]
     adv = adv[seq, pos].float()  # [N]
     return adv, adv + values.float()
 
@@ -210,11 +204,17 @@ def unpack_to_padded(
     cu_seqlens: torch.Tensor,
     pad_value: float | bool = 0.0,
     max_len: int | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Packed [N, *] -> padded [B, T, *], each sequence at the left of its row.
 
     T is ``max_len`` or the longest sequence (which reads cu_seqlens on the host).
+    ``validate``: check that cu_seqlens is a packed layout of the N rows (packed_gae's
+    messages; a host sync on CUDA).
     """
+    if validate:
+        check_packed_layout("unpack_to_padded", cu_seqlens, x_packed.shape[0], "x_packed")
     cu = cu_seqlens.long()
     if max_len is None:
         max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
@@ -301,6 +301,7 @@ def group_advantages(
     gamma: float = 1.0,
     token_rewards: torch.Tensor | None = None,
     whiten: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Critic-free advantages from per-sequence scores [B] and group ids [B].
 
@@ -319,7 +320,8 @@ def group_advantages(
     are any integers (made dense with torch.unique, one host sync on CUDA).
 
     Returns float32: [B] per sequence, or with ``cu_seqlens`` the advantage of every
-    token [N] (masked tokens 0).
+    token [N] (masked tokens 0). ``validate`` checks that cu_seqlens is a packed layout
+    of the N tokens (packed_gae's messages; a host sync on CUDA).
     """
     if kind not in KINDS:
         raise ValueError(f"group_advantages: kind must be one of {KINDS}; got {kind!r}")
@@ -332,6 +334,13 @@ def group_advantages(
             f"group_advantages: cu_seqlens must be [B+1] = [{s.numel() + 1}]; "
             f"got {describe(cu_seqlens)}"
         )
+    if cu_seqlens is not None and validate:
+        of, tokens = next(
+            ((name, t) for name, t in (("mask", mask), ("token_rewards", token_rewards))
+             if t is not None), ("cu_seqlens[-1]", None),
+        )  # fmt: skip
+        total = tokens.numel() if tokens is not None else int(cu_seqlens[-1])
+        check_packed_layout("group_advantages", cu_seqlens, total, of)
     if kind == "reinforce++":
         if cu_seqlens is None:
             raise ValueError("group_advantages: kind='reinforce++' needs cu_seqlens")

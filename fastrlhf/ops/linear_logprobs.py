@@ -23,18 +23,17 @@ Vb vocabulary columns, the logits are recomputed and turned into
 Exact up to rounding (no gradient filtering). Extra memory: O(N * H) float32 for dH and
 one [N, Vb] block, with Vb chosen so the block stays near a fixed size whatever V is.
 
-Two implementations behind one ``torch.library`` op (``fastrlhf::linear_token_logprobs_fwd``
-and its ``_bwd``, with fake impls and a registered autograd, so torch.compile traces
-callers): ``impl="triton"`` (``tl.dot`` kernels in fastrlhf.kernels.linear_logprobs, the
-CUDA default; on CPU tensors it runs under TRITON_INTERPRET=1 for tests) and
-``impl="torch"`` (the same blocks with torch.mm, the CPU default and the memory
-reference). float64 inputs run on the torch path only.
+Backends (``impl=``), the first two behind one ``fastrlhf::linear_token_logprobs`` op
+(``ops._library``; torch.compile traces callers): "triton" (``tl.dot`` kernels in
+fastrlhf.kernels.linear_logprobs, the "auto" choice for CUDA tensors that are not
+float64; on CPU tensors only under TRITON_INTERPRET=1, for tests), "torch" (the same
+blocks with torch.mm, the "auto" choice otherwise) and "reference"
+(``fastrlhf.ops.reference.linear_token_logprobs_reference``, which holds [N, V]).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -47,8 +46,10 @@ from fastrlhf.ops._checks import (
     check_tensor,
     describe,
 )
+from fastrlhf.ops._labels import label_masks
+from fastrlhf.ops._library import fused_op, resolve_impl
+from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
 
-IMPLS = ("auto", "triton", "torch")
 _LOW = (torch.float16, torch.bfloat16)
 # Elements of one [N, Vb] block. torch path: float32 logits plus ~3 temporaries of that
 # size (64 MB each). Triton backward: the dlogits buffer in the model dtype (64 MB at
@@ -92,12 +93,6 @@ def _block_logits(
     if bias is not None:
         z += bias[v_lo:v_hi]
     return z.mul_(inv_temp)
-
-
-def _label_masks(labels: Tensor, ignore_index: int, v: int) -> tuple[Tensor, Tensor]:
-    ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= v))
-    return ignored, bad
 
 
 # ---------------------------------------------------------------------------- torch path
@@ -170,34 +165,7 @@ def _dlogits_torch(
     return out.copy_(dz)
 
 
-# ------------------------------------------------------------------- shared fwd / bwd
-
-
-def _forward(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int,
-    return_entropy: bool,
-    use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    inv_temp = 1.0 / temperature
-    if use_triton:
-        from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
-
-        raw, entropy, lse = linear_logprobs_fwd(
-            hidden, weight, labels, bias, inv_temp, vocab_size, return_entropy
-        )
-    else:
-        raw, entropy, lse = _fwd_torch(
-            hidden, weight, labels, bias, inv_temp, vocab_size, return_entropy
-        )
-    ignored, bad = _label_masks(labels, ignore_index, vocab_size)
-    logprobs = raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
-    return logprobs, entropy, lse
+# ------------------------------------------------------------------- backward, the op
 
 
 def _backward(
@@ -218,7 +186,7 @@ def _backward(
     need_h, need_w, need_b = needs
     n, _ = hidden.shape
     v, inv_temp, acc = vocab_size, 1.0 / temperature, lse.dtype
-    ignored, bad = _label_masks(labels, ignore_index, v)
+    ignored, bad, _ = label_masks(labels, ignore_index, v)
     # An ignored row has no log-prob gradient; an out-of-range label gets NaN gradients,
     # as its forward value is NaN.
     g = grad_logprobs.to(acc).masked_fill(ignored, 0.0).masked_fill(bad, math.nan)
@@ -262,8 +230,31 @@ def _backward(
 # ---------------------------------------------------------------- torch.library op
 
 
-@torch.library.custom_op("fastrlhf::linear_token_logprobs_fwd", mutates_args=(), device_types="cpu")
-def _fwd_op(
+def _fake(hidden, weight, labels, bias, temperature, ignore_index, vocab_size, ret_ent, impl):
+    n = hidden.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    entropy = hidden.new_empty((n if ret_ent else 0,), dtype=acc)
+    return hidden.new_empty((n,), dtype=acc), entropy, hidden.new_empty((n,), dtype=acc)
+
+
+def _op_backward(a, outputs, grads, needs):
+    _, entropy, lse = outputs
+    grad_logprobs = grads[0] if grads[0] is not None else torch.zeros_like(lse)
+    grad_entropy = grads[1] if a.return_entropy else None
+    dh, dw, db = _backward(
+        grad_logprobs, grad_entropy, a.hidden, a.weight, a.labels, a.bias, lse, entropy,
+        a.temperature, a.ignore_index, a.vocab_size, tuple(needs), use_triton=a.impl == "triton",
+    )  # fmt: skip
+    return [g if need else None for g, need in zip((dh, dw, db), needs)]
+
+
+@fused_op(
+    "linear_token_logprobs",
+    fake=_fake,
+    backward=_op_backward,
+    differentiable=("hidden", "weight", "bias"),
+)
+def _op(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -274,148 +265,19 @@ def _fwd_op(
     return_entropy: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs [N], entropy [N] or [0], lse [N]) on CPU: torch unless impl == "triton"."""
-    args = (hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy)
-    return _forward(*args, use_triton=impl == "triton")
+    """(logprobs [N], entropy [N] or [0], lse [N])."""
+    args = (hidden, weight, labels, bias, 1.0 / temperature, vocab_size, return_entropy)
+    if impl == "triton":
+        from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
 
-
-@_fwd_op.register_kernel("cuda")
-def _fwd_cuda(
-    hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy, impl
-):
-    args = (hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy)
-    return _forward(*args, use_triton=impl != "torch" and hidden.dtype != torch.float64)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(
-    hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy, impl
-):
-    n = hidden.shape[0]
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    entropy = hidden.new_empty((n if return_entropy else 0,), dtype=acc)
-    return hidden.new_empty((n,), dtype=acc), entropy, hidden.new_empty((n,), dtype=acc)
-
-
-@torch.library.custom_op("fastrlhf::linear_token_logprobs_bwd", mutates_args=(), device_types="cpu")
-def _bwd_op(
-    grad_logprobs: Tensor,
-    grad_entropy: Tensor | None,
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    lse: Tensor,
-    entropy: Tensor,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(d hidden, d weight, d bias); a gradient not asked for is an empty tensor."""
-    args = (grad_logprobs, grad_entropy, hidden, weight, labels, bias, lse, entropy)
-    needs = (need_hidden, need_weight, need_bias)
-    return _backward(
-        *args, temperature, ignore_index, vocab_size, needs, use_triton=impl == "triton"
-    )
-
-
-@_bwd_op.register_kernel("cuda")
-def _bwd_cuda(
-    grad_logprobs,
-    grad_entropy,
-    hidden,
-    weight,
-    labels,
-    bias,
-    lse,
-    entropy,
-    temperature,
-    ignore_index,
-    vocab_size,
-    need_hidden,
-    need_weight,
-    need_bias,
-    impl,
-):
-    args = (grad_logprobs, grad_entropy, hidden, weight, labels, bias, lse, entropy)
-    needs = (need_hidden, need_weight, need_bias)
-    use_triton = impl != "torch" and hidden.dtype != torch.float64
-    return _backward(*args, temperature, ignore_index, vocab_size, needs, use_triton=use_triton)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(
-    grad_logprobs,
-    grad_entropy,
-    hidden,
-    weight,
-    labels,
-    bias,
-    lse,
-    entropy,
-    temperature,
-    ignore_index,
-    vocab_size,
-    need_hidden,
-    need_weight,
-    need_bias,
-    impl,
-):
-    dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    dw = torch.empty_like(weight) if need_weight else hidden.new_empty(0)
-    db = torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0)
-    return dh, dw, db
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, labels, bias, temperature, ignore_index, vocab_size, return_entropy, impl = (
-        inputs
-    )
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy)
-    ctx.args = (temperature, ignore_index, vocab_size, return_entropy, impl)
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work
-
-
-def _op_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, vocab_size, return_entropy, impl = ctx.args
-    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if not return_entropy:
-        grad_entropy = None
-    dh, dw, db = _bwd_op(
-        grad_logprobs, grad_entropy, hidden, weight, labels, bias, lse, entropy,
-        temperature, ignore_index, vocab_size, need_h, need_w, need_b, impl,
-    )  # fmt: skip
-    return (
-        dh if need_h else None,
-        dw if need_w else None,
-        None,
-        db if need_b else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "fastrlhf::linear_token_logprobs_fwd", _op_backward, setup_context=_setup_context
-)
+        raw, entropy, lse = linear_logprobs_fwd(*args)
+    else:
+        raw, entropy, lse = _fwd_torch(*args)
+    ignored, bad, _ = label_masks(labels, ignore_index, vocab_size)
+    return raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0), entropy, lse
 
 
 # ---------------------------------------------------------------------- public API
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_inputs(
@@ -425,7 +287,6 @@ def _check_inputs(
     bias: object,
     temperature: object,
     vocab_size: object,
-    impl: object,
 ) -> int:
     """Raise a clear error for bad input (the same ones as token_logprobs, with hidden in
     the place of logits); return the vocabulary size in use."""
@@ -452,18 +313,6 @@ def _check_inputs(
         raise ValueError(
             f"vocab_size must be an int in [1, {v}] (weight.shape[0]); got {vocab_size!r}"
         )
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if impl == "triton":
-        if hidden.dtype == torch.float64:
-            raise TypeError(
-                f"impl='triton' does not support float64; hidden has {describe(hidden)}"
-            )
-        if hidden.device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
-                f"is imported); hidden has {describe(hidden)}"
-            )
     return vocab_size
 
 
@@ -491,11 +340,17 @@ def linear_token_logprobs(
 
     ``validate=True`` checks that labels are in [0, vocab_size) (one device sync); with
     ``validate=False`` a bad label gives NaN at its position, never an out-of-bounds read.
-    ``impl``: "auto" (Triton on CUDA, PyTorch blocks on CPU), "triton" or "torch".
+    ``impl``: "auto" (Triton on CUDA, PyTorch blocks otherwise), "triton", "torch" or
+    "reference" (see the module docstring).
     """
-    v = _check_inputs(hidden, weight, labels, bias, temperature, vocab_size, impl)
+    v = _check_inputs(hidden, weight, labels, bias, temperature, vocab_size)
+    impl = resolve_impl("linear_token_logprobs", impl, hidden)
     if validate:
         check_labels_in_range(labels, v, ignore_index)
+    if impl == "reference":
+        return linear_token_logprobs_reference(
+            hidden, weight, labels, bias, temperature, ignore_index, return_entropy, v
+        )
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     if h.stride(-1) != 1:
         h = h.contiguous()
@@ -503,7 +358,7 @@ def linear_token_logprobs(
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    logprobs, entropy, _ = _fwd_op(
+    logprobs, entropy, _ = _op(
         h, weight, labels.reshape(-1).contiguous(), bias, float(temperature), int(ignore_index), v,
         bool(return_entropy), impl,
     )  # fmt: skip

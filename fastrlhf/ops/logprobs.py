@@ -7,16 +7,17 @@ V' = ``vocab_size`` (defaults to V; smaller for an lm_head wider than the tokeni
     logp[n]    = z[n, label[n]] - logsumexp(z[n])      (0 where label == ignore_index)
     entropy[n] = -sum_v softmax(z[n])_v * log softmax(z[n])_v
 
-Paths (chosen per call, never at import):
-- CUDA tensors, or CPU tensors with TRITON_INTERPRET=1: the Triton kernels of
-  ``fastrlhf.kernels.logprobs`` (one read of the logits forward; one read and one write
-  backward, into a new buffer or, with ``inplace_backward=True``, into the logits).
-- otherwise (CPU in production, or float64 logits anywhere): a PyTorch implementation
-  that walks the rows in chunks of about 4M elements, so its extra memory is bounded
-  and never [N, V]. float64 logits compute in float64 (this is what gradcheck uses).
+Backends (``impl=``; "auto" is Triton for CUDA tensors that are not float64):
+- "triton": the kernels of ``fastrlhf.kernels.logprobs`` (one read of the logits
+  forward; one read and one write backward, into a new buffer or, with
+  ``inplace_backward=True``, into the logits).
+- "torch": walks the rows in chunks of about 4M elements, so its extra memory is
+  bounded and never [N, V]; float64 logits compute in float64 (gradcheck uses it).
+- "reference": ``fastrlhf.ops.reference.token_logprobs_reference`` (materializes a
+  float32 [N, V] log_softmax).
 
-The op is registered through ``torch.library.custom_op`` (forward, backward and an
-in-place backward as three ops), so ``torch.compile(fullgraph=True)`` traces it.
+"triton" and "torch" are one ``fastrlhf::token_logprobs`` op (``ops._library``), so
+``torch.compile(fullgraph=True)`` traces it.
 """
 
 from __future__ import annotations
@@ -30,19 +31,11 @@ from fastrlhf.ops._checks import (
     check_logits_labels,
     check_positive_float,
 )
+from fastrlhf.ops._labels import entropy_of, label_masks, masked_logp
+from fastrlhf.ops._library import fused_op, resolve_impl
+from fastrlhf.ops.reference.logprobs import token_logprobs_reference
 
 _CHUNK_ELEMS = 1 << 22  # rows per chunk of the PyTorch path = max(1, this // V)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA; on CPU only under the interpreter. float64 always takes PyTorch."""
-    if t.dtype == torch.float64:
-        return False
-    if t.is_cuda:
-        return True
-    import triton
-
-    return t.device.type == "cpu" and triton.knobs.runtime.interpret
 
 
 def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -108,21 +101,13 @@ def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, re
         # at V = 50257, T = 0.7, against 1.0e-6 here) into every p of the backward.
         z_max = z.amax(dim=-1, keepdim=True)  # [C, 1]
         shifted = z - z_max  # [C, V'], chunk-bounded
-        e = shifted.exp()  # [C, V']
-        total = e.sum(-1)  # [C]
-        lse_shift = total.log()
-        lab = labels[r0:r1].long()
-        ignored = lab == ignore_index
-        valid = (lab >= 0) & (lab < vocab_size)
-        picked = shifted.gather(1, torch.where(valid, lab, 0).unsqueeze(1)).squeeze(1) - lse_shift
-        logp[r0:r1] = torch.where(ignored, 0.0, torch.where(valid, picked, math.nan))
+        lse_shift = shifted.exp().sum(-1).log()  # [C]
+        ignored, bad, safe = label_masks(labels[r0:r1], ignore_index, vocab_size)
+        picked = shifted.gather(1, safe.unsqueeze(1)).squeeze(1) - lse_shift
+        logp[r0:r1] = masked_logp(picked, ignored, bad)
         lse[r0:r1] = z_max.squeeze(1) + lse_shift
         if return_entropy:
-            logsm = shifted.sub_(lse_shift.unsqueeze(1))
-            p = e.div_(total.unsqueeze(1))
-            entropy[r0:r1] = -(
-                p * logsm.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=0.0)
-            ).sum(-1)
+            entropy[r0:r1] = entropy_of(shifted.sub_(lse_shift.unsqueeze(1)))
     return logp, lse, entropy
 
 
@@ -140,10 +125,8 @@ def _torch_bwd(
         r0, r1 = b * t_inner + t0, b * t_inner + t1
         z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature)  # [C, V']
         log_p = z - lse[r0:r1].unsqueeze(1)  # [C, V'], chunk-bounded
-        lab = labels[r0:r1].long()
-        ignored = lab == ignore_index
-        valid = (lab >= 0) & (lab < vocab_size)
-        g = torch.where(ignored, 0.0, torch.where(valid, grad_logp[r0:r1].to(compute), math.nan))
+        ignored, bad, safe = label_masks(labels[r0:r1], ignore_index, vocab_size)
+        g = masked_logp(grad_logp[r0:r1].to(compute), ignored, bad)
         if grad_entropy is not None:
             p = log_p.exp()
             # d = -g p - g_H p (log p + H): reuse log_p's buffer, in place
@@ -155,8 +138,7 @@ def _torch_bwd(
             d = torch.where(p > 0, d, -g.unsqueeze(1) * p)
         else:
             d = log_p.exp_().mul_(-g.unsqueeze(1))
-        lab_col = torch.where(valid, lab, 0).unsqueeze(1)
-        d.scatter_add_(1, lab_col, torch.where(valid, g, 0.0).unsqueeze(1))
+        d.scatter_add_(1, safe.unsqueeze(1), torch.where(ignored | bad, 0.0, g).unsqueeze(1))
         if temperature != 1.0:
             d.div_(temperature)
         out_rows[b, t0:t1, :vocab_size] = d
@@ -165,8 +147,52 @@ def _torch_bwd(
             out_rows[b, t0:t1, vocab_size:] = (g * 0.0).unsqueeze(1)
 
 
-@torch.library.custom_op("fastrlhf::token_logprobs_fwd", mutates_args=())
-def _fwd_op(
+def _fake(logits, labels, temperature, ignore_index, vocab_size, return_entropy, inplace, impl):
+    n = labels.numel()
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    entropy = logits.new_empty(n if return_entropy else 0, dtype=dt)
+    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), entropy
+
+
+def _backward(a, outputs, grads, needs, into=None):
+    """dlogits into a new buffer, or into the logits themselves (``into``)."""
+    _, lse, entropy = outputs
+    g_logp = grads[0] if grads[0] is not None else torch.zeros_like(lse)
+    g_ent = grads[2] if a.return_entropy else None
+    out = torch.empty(a.logits.shape, dtype=a.logits.dtype, device=a.logits.device)
+    out = into if into is not None else out
+    if a.labels.numel() == 0:
+        return [out.zero_()]
+    logits_c, layout = _row_layout(a.logits)
+    if out is a.logits:
+        out_c, out_layout = logits_c, layout
+    else:  # a fresh contiguous buffer: address its rows with the logits' [B, T] split
+        t_inner, v = layout[0], a.logits.shape[-1]
+        out_c, out_layout = out, (t_inner, t_inner * v, v)
+    args = (a.labels, lse, entropy)
+    if a.impl == "triton":
+        from fastrlhf.kernels.logprobs import token_logprobs_bwd
+
+        g_ent = None if g_ent is None else g_ent.contiguous()
+        token_logprobs_bwd(logits_c, layout, out_c, out_layout, *args, g_logp.contiguous(), g_ent,
+                           1.0 / a.temperature, a.ignore_index, a.vocab_size)  # fmt: skip
+    else:
+        out_rows = _rows_of(out_c, out_layout, a.labels.numel())
+        _torch_bwd(logits_c, layout, out_rows, *args, g_logp, g_ent, a.temperature,
+                   a.ignore_index, a.vocab_size)  # fmt: skip
+    if out_c.data_ptr() != out.data_ptr():  # _row_layout had to copy the logits: write back
+        out.copy_(out_c.view(out.shape))
+    return [out]
+
+
+@fused_op(
+    "token_logprobs",
+    fake=_fake,
+    backward=_backward,
+    differentiable=("logits",),
+    inplace=("logits", "inplace_backward"),
+)
+def _op(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
@@ -174,126 +200,39 @@ def _fwd_op(
     vocab_size: int,
     return_entropy: bool,
     inplace_backward: bool,
+    impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], lse [N], entropy [N] or [0]) in float32 (float64 for float64 logits)."""
     if labels.numel() == 0:
-        dt = torch.promote_types(logits.dtype, torch.float32)
-        return (logits.new_empty(0, dtype=dt), logits.new_empty(0, dtype=dt),
-                logits.new_empty(0, dtype=dt))  # fmt: skip
+        return _fake(logits, labels, temperature, ignore_index, vocab_size, return_entropy,
+                     inplace_backward, impl)  # fmt: skip
     logits, layout = _row_layout(logits)
-    if _use_triton(logits):
+    if impl == "triton":
         from fastrlhf.kernels.logprobs import token_logprobs_fwd
 
-        return token_logprobs_fwd(
-            logits, layout, labels, 1.0 / temperature, ignore_index, vocab_size, return_entropy
-        )
+        return token_logprobs_fwd(logits, layout, labels, 1.0 / temperature, ignore_index,
+                                  vocab_size, return_entropy)  # fmt: skip
     return _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy)
 
 
-@_fwd_op.register_fake
-def _(logits, labels, temperature, ignore_index, vocab_size, return_entropy, inplace_backward):
-    n = labels.numel()
-    dt = torch.promote_types(logits.dtype, torch.float32)
-    return (
-        logits.new_empty(n, dtype=dt),
-        logits.new_empty(n, dtype=dt),
-        logits.new_empty(n if return_entropy else 0, dtype=dt),
-    )
+def _check_rows_defined(lse: torch.Tensor, logits: torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming the first logits row that is -inf in every used column.
 
-
-def _backward_into(logits, out, labels, lse, entropy, g_logp, g_ent, temperature, ii, vs):
-    if labels.numel() == 0:
-        return out
-    logits_c, layout = _row_layout(logits)
-    if out is logits:
-        out_c, out_layout = logits_c, layout
-    else:  # a fresh contiguous buffer: address its rows with the logits' [B, T] split
-        t_inner, v = layout[0], logits.shape[-1]
-        out_c, out_layout = out, (t_inner, t_inner * v, v)
-    n = labels.numel()
-    if _use_triton(logits_c):
-        from fastrlhf.kernels.logprobs import token_logprobs_bwd
-
-        g_logp = g_logp.contiguous()
-        g_ent = None if g_ent is None else g_ent.contiguous()
-        token_logprobs_bwd(
-            logits_c, layout, out_c, out_layout, labels, lse, entropy, g_logp, g_ent,
-            1.0 / temperature, ii, vs,
-        )  # fmt: skip
-    else:
-        out_rows = _rows_of(out_c, out_layout, n)
-        _torch_bwd(logits_c, layout, out_rows, labels, lse, entropy, g_logp, g_ent,
-                   temperature, ii, vs)  # fmt: skip
-    return out_c
-
-
-@torch.library.custom_op("fastrlhf::token_logprobs_bwd", mutates_args=())
-def _bwd_op(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int,
-) -> torch.Tensor:
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backward_into(logits, out, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                   ignore_index, vocab_size)  # fmt: skip
-    return out
-
-
-@_bwd_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ii, vs):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
-@torch.library.custom_op("fastrlhf::token_logprobs_bwd_", mutates_args=("logits",))
-def _bwd_inplace_op(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int,
-) -> None:
-    out = _backward_into(logits, logits, labels, lse, entropy, grad_logp, grad_entropy,
-                         temperature, ignore_index, vocab_size)  # fmt: skip
-    if out.data_ptr() != logits.data_ptr():  # _row_layout had to copy: write back
-        logits.copy_(out.view(logits.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, vocab_size, return_entropy, inplace = inputs
-    _, lse, entropy = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
-    ctx.args = (temperature, ignore_index, vocab_size)
-    ctx.return_entropy = return_entropy
-    ctx.inplace = inplace
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_logp, grad_lse, grad_entropy):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
-    if not ctx.return_entropy:
-        grad_entropy = None
-    if ctx.inplace:
-        # The logits buffer is overwritten with dlogits: the caller promised (by asking
-        # for it) that nothing else reads these logits after the forward.
-        _bwd_inplace_op(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args)
-        grad = logits
-    else:
-        grad = _bwd_op(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args)
-    return grad, None, None, None, None, None, None
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    Only rows whose lse is not finite are read again (NaN logits also give one; they
+    propagate by design), in small groups, so this never touches [N, V] at once.
+    """
+    lead = logits.shape[:-1]
+    suspects = (~torch.isfinite(lse)).nonzero().squeeze(1)
+    for group in suspects.split(64):
+        rows = torch.unravel_index(group, lead)
+        dead = torch.isneginf(logits[rows][..., :vocab_size]).all(-1)
+        if bool(dead.any()):
+            at = [int(r[dead.nonzero()[0, 0]]) for r in rows]
+            raise ValueError(
+                f"logits[{', '.join(map(str, at))}] is -inf in all of its {vocab_size} "
+                f"columns: softmax, log p and entropy are undefined there; logits have "
+                f"shape {tuple(logits.shape)}"
+            )
 
 
 def token_logprobs(
@@ -306,6 +245,7 @@ def token_logprobs(
     *,
     vocab_size: int | None = None,
     validate: bool = True,
+    impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) under softmax(logits / temperature), float32, shaped like ``labels``.
 
@@ -321,8 +261,10 @@ def token_logprobs(
             mode; under torch.compile prefer the default.
         vocab_size: columns >= vocab_size (lm_head padding) are left out of the softmax and
             get a zero gradient. Default: all V columns count.
-        validate: check that labels are in [0, vocab_size) or ignore_index (one device
-            sync). Without it a bad label gives NaN at its position, never a bad read.
+        validate: check that labels are in [0, vocab_size) or ignore_index, and that no
+            row is -inf in every column (a device sync). Without it a bad label gives NaN
+            at its position, never a bad read, and such a row gives NaN.
+        impl: "auto", "triton", "torch" or "reference" (the module docstring).
 
     Returns:
         logp [...] float32 (float64 for float64 logits), or (logp, entropy).
@@ -335,16 +277,26 @@ def token_logprobs(
         raise ValueError(
             f"vocab_size must be an int in [1, {v}] (logits' last dim); got {vocab_size!r}"
         )
+    impl = resolve_impl("token_logprobs", impl, logits)
     if validate:
         check_labels_in_range(labels, vocab_size, ignore_index)
+    if impl == "reference":
+        if validate:
+            no_finite = torch.isneginf(logits[..., :vocab_size]).all(-1).reshape(-1)
+            _check_rows_defined(torch.where(no_finite, -math.inf, 0.0), logits, vocab_size)
+        return token_logprobs_reference(
+            logits, labels, temperature, ignore_index, return_entropy, vocab_size
+        )
     lead = labels.shape
     flat_labels = labels.reshape(-1)
     if not flat_labels.is_contiguous():
         flat_labels = flat_labels.contiguous()
-    logp, _, entropy = _fwd_op(
+    logp, lse, entropy = _op(
         logits, flat_labels, float(temperature), int(ignore_index), int(vocab_size),
-        bool(return_entropy), bool(inplace_backward),
+        bool(return_entropy), bool(inplace_backward), impl,
     )  # fmt: skip
+    if validate:
+        _check_rows_defined(lse, logits, vocab_size)
     if return_entropy:
         return logp.view(lead), entropy.view(lead)
     return logp.view(lead)

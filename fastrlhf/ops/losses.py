@@ -1,22 +1,25 @@
 """RL losses: ``kl_penalty``, ``ppo_policy_loss``, ``value_loss`` (fused) and ``dpo_loss``.
 
 Shapes: B = sequences, T = tokens per padded sequence, N = packed tokens, S = sequences
-of a packed batch (``cu_seqlens`` [S + 1]), K = 16 statistics slots.
+of a packed batch (``cu_seqlens`` [S + 1]).
 
 The formulas, the aggregations (``token-mean``, ``seq-mean-token-mean``,
 ``seq-mean-token-sum``; empty sequences are left out of sequence means) and the
-metrics are those of ``fastrlhf.ops.reference.losses``, which the tests compare with.
+metrics are those of ``fastrlhf.ops.reference.losses``.
 
-Paths (per call): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, run the Triton
+Backends (``impl=``, see ``fastrlhf.ops._library.resolve_impl``): "triton" runs the
 kernels of ``fastrlhf.kernels.losses`` -- for ppo_policy_loss and value_loss one launch
-forward and one backward, which return the loss and every metric in one [K] tensor
-(no host sync). Other CPU tensors, and float64 anywhere (gradcheck), run a vectorised
-PyTorch implementation of the same statistics, whose extra memory is a few [N] vectors.
-
-The fused ops are ``torch.library.custom_op``s with registered fakes and backwards, so
-``torch.compile(fullgraph=True)`` traces them. Gradients flow to ``logp`` / ``values``
+forward and one backward, returning the loss and every metric in one [16] tensor (no
+host sync) -- registered as ``fastrlhf::`` ops, so ``torch.compile(fullgraph=True)``
+traces them. "torch" and "reference" run the reference (elementwise PyTorch, a few [N]
+temporaries, no host sync), on inputs upcast to float32 at least; "auto" is Triton
+for CUDA tensors and the reference otherwise. Gradients flow to ``logp`` / ``values``
 and to ``entropy``; old_logp, advantages, ref_logp (in ppo_policy_loss), old_values,
-returns and masks are treated as constants. ``kl_penalty`` differentiates both inputs.
+returns and masks are constants. ``kl_penalty`` differentiates both inputs.
+
+Packed inputs: ``validate=True`` (the default) checks ``cu_seqlens`` like packed_gae
+(starts at 0, never decreases, ends at N; one host sync on CUDA). Without it a bad
+layout gives wrong numbers but never an out-of-bounds access.
 
 ``dpo_loss`` works on [B] sequence-level log-probs, so it is plain PyTorch.
 """
@@ -26,121 +29,63 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastrlhf.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from fastrlhf.ops.reference.losses import AGGS, DPO_KINDS, KL_KINDS
+from fastrlhf.ops._checks import (
+    AGGS,
+    DPO_KINDS,
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    KL_KINDS,
+    check_packed_layout,
+    check_same_device,
+    check_tensor,
+)
+from fastrlhf.ops._library import fused_op, resolve_impl
+from fastrlhf.ops.reference.losses import (
+    kl_penalty_reference,
+    ppo_policy_loss_reference,
+    value_loss_reference,
+)
 
-K = 16
-_MAXCOL = 8
-_PPO_METRICS = {
-    "clip_frac": 5,
-    "approx_kl": 6,
-    "ratio_mean": 7,
-    "ratio_max": 8,
-    "kl": 9,
-    "entropy": 10,
-    "dual_clip_frac": 11,
-    "pg_loss": 12,
-}
-_VALUE_METRICS = {"clip_frac": 5, "values_mean": 6, "mse": 7, "values_max": 8}
 _KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-_AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
+_AGG_CODES = {agg: i for i, agg in enumerate(AGGS)}
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    if t.dtype == torch.float64:
-        return False
-    if t.is_cuda:
-        return True
-    import triton
-
-    return triton.knobs.runtime.interpret
-
-
-def _split_kind(kind: str) -> tuple[int, bool]:
+def _kl_code(kind: str) -> tuple[int, bool]:
     st = kind.endswith("+st")
     return _KL_CODES[kind[:-3] if st else kind], st
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+def _upcast(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The reference path computes in float32 at least (differentiable)."""
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # ---------------------------------------------------------------------------------------
 # kl_penalty
 
 
-def _torch_kl(x, r, kind: str):
-    """(value, d value / d x) in PyTorch; mirrors kernels.losses._kl_value_grad."""
-    code, st = _split_kind(kind)
-    diff = x - r
-    if code == 0:
-        value, grad = diff, torch.ones_like(diff)
-    elif code == 1:
-        value, grad = diff.abs(), diff.sign()
-    elif code == 2:
-        value, grad = 0.5 * diff * diff, diff
-    else:
-        d_raw = -diff
-        d = d_raw.clamp(-20.0, 20.0)
-        e = d.exp()
-        raw = e - d - 1.0
-        value = raw.clamp(-10.0, 10.0)
-        passes = (d_raw >= -20) & (d_raw <= 20) & (raw >= -10) & (raw <= 10)
-        grad = torch.where(passes, 1.0 - e, 0.0)
-    return value, (diff if st else grad)
+def _kl_backward(a, outputs, grads, needs):
+    from fastrlhf.kernels.losses import kl_penalty_bwd
+
+    d_logp, d_ref = kl_penalty_bwd(a.logp, a.ref_logp, grads[0].contiguous(), *_kl_code(a.kind))
+    return [d_logp, d_ref]
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
+@fused_op(
+    "kl_penalty",
+    fake=lambda logp, ref_logp, kind: torch.empty_like(logp, dtype=torch.float32),
+    backward=_kl_backward,
+    differentiable=("logp", "ref_logp"),
+)
 def _kl_op(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    if _use_triton(logp):
-        from fastrlhf.kernels.losses import kl_penalty_fwd
+    from fastrlhf.kernels.losses import kl_penalty_fwd
 
-        code, st = _split_kind(kind)
-        return kl_penalty_fwd(logp, ref_logp, code, st)
-    dt = _compute_dtype(logp)
-    return _torch_kl(logp.to(dt), ref_logp.to(dt), kind)[0]
+    return kl_penalty_fwd(logp, ref_logp, *_kl_code(kind))
 
 
-@_kl_op.register_fake
-def _(logp, ref_logp, kind):
-    return logp.new_empty(logp.shape, dtype=_compute_dtype(logp))
-
-
-@torch.library.custom_op("fastrlhf::kl_penalty_bwd", mutates_args=())
-def _kl_bwd_op(
-    logp: torch.Tensor, ref_logp: torch.Tensor, grad: torch.Tensor, kind: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(logp):
-        from fastrlhf.kernels.losses import kl_penalty_bwd
-
-        code, st = _split_kind(kind)
-        return kl_penalty_bwd(logp, ref_logp, grad.contiguous(), code, st)
-    dt = _compute_dtype(logp)
-    g = grad.to(dt) * _torch_kl(logp.to(dt), ref_logp.to(dt), kind)[1]
-    return g.to(logp.dtype), (-g).to(ref_logp.dtype)
-
-
-@_kl_bwd_op.register_fake
-def _(logp, ref_logp, grad, kind):
-    return torch.empty_like(logp), torch.empty_like(ref_logp)
-
-
-def _kl_setup(ctx, inputs, output):
-    logp, ref_logp, kind = inputs
-    ctx.save_for_backward(logp, ref_logp)
-    ctx.kind = kind
-
-
-def _kl_backward(ctx, grad):
-    logp, ref_logp = ctx.saved_tensors
-    d_logp, d_ref = _kl_bwd_op(logp, ref_logp, grad, ctx.kind)
-    return d_logp, d_ref, None
-
-
-_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, impl: str = "auto"
+) -> torch.Tensor:
     """Per-token KL estimate between the policy (logp) and a reference (ref_logp).
 
     kind: ``k1`` logp - ref; ``abs`` |logp - ref|; ``k2`` (logp - ref)^2 / 2; ``k3``
@@ -157,13 +102,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     _check_shapes(logp=logp, ref_logp=ref_logp)
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be one of {KL_KINDS}; got {kind!r}")
-    shape = logp.shape
+    if resolve_impl("kl_penalty", impl, logp) != "triton":
+        return kl_penalty_reference(_upcast(logp), _upcast(ref_logp), kind)
     out = _kl_op(logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous(), kind)
-    return out.view(shape)
+    return out.view(logp.shape)
 
 
 # ---------------------------------------------------------------------------------------
-# shared: validation, sequence layout, the PyTorch statistics path
+# shared: validation and the packed layout
 
 
 def _check_shapes(**tensors: torch.Tensor | None) -> None:
@@ -178,7 +124,9 @@ def _check_shapes(**tensors: torch.Tensor | None) -> None:
     check_same_device(**present)
 
 
-def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str) -> tuple[int, int]:
+def _layout(
+    op: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str, validate: bool
+) -> tuple[int, int]:
     """(T, S): sequence length for padded [B, T] inputs (0 when packed), sequence count."""
     if cu_seqlens is None:
         if x.dim() != 2:
@@ -194,9 +142,11 @@ def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str) -> tupl
             f"dtype {x.dtype}, device {x.device}"
         )
     if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must have at least one element ([S + 1] offsets)")
+        raise ValueError(f"{op}: cu_seqlens must be 1-D [B+1] with B >= 0; got an empty tensor")
     if cu_seqlens.device != x.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {x.device}")
+    if validate:
+        check_packed_layout(op, cu_seqlens, x.numel(), name)
     return 0, int(cu_seqlens.numel()) - 1
 
 
@@ -215,93 +165,43 @@ def _check_agg(agg: str) -> int:
     return _AGG_CODES[agg]
 
 
-def _seq_ids(n: int, t: int, s: int, cu: torch.Tensor | None, device) -> torch.Tensor:
-    """Sequence of every token, S for tokens outside every sequence (a dump bucket)."""
-    pos = torch.arange(n, device=device)
-    if cu is None:
-        return pos // max(t, 1)
-    cu = cu.long()
-    ids = torch.searchsorted(cu, pos, right=True) - 1
-    inside = (pos >= cu[0]) & (pos < cu[-1])
-    return torch.where(inside, ids, s)
+def _stats_fake(like: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stats [16], partials [S, 16]), float32 whatever the inputs' dtype."""
+    return like.new_empty(16, dtype=torch.float32), like.new_empty(
+        (num_seqs, 16), dtype=torch.float32
+    )
 
 
-def _torch_stats(loss, m, metrics: dict[int, torch.Tensor], ids, s: int, agg: int):
-    """(stats [K], partials [S, K]) exactly as the kernels lay them out."""
-    dt = loss.dtype
-    keep = (m != 0) & (ids < s)
-    mw = torch.where(keep, m, 0.0)
-    cols = torch.zeros(s + 1, K, dtype=dt, device=loss.device)
-    add = lambda j, v: cols[:, j].index_add_(0, ids, torch.where(keep, v, 0.0) * mw)
-    add(0, loss)
-    cols[:, 1].index_add_(0, ids, mw)
-    for j, v in metrics.items():
-        if j == _MAXCOL:
-            vals = torch.where(keep, v, float("-inf"))
-            cols[:, j] = float("-inf")
-            cols[:, j].scatter_reduce_(0, ids, vals, "amax")
-        else:
-            add(j, v.to(dt))
-    partials = cols[:s]
-    cnt = partials[:, 1]
-    nonempty = cnt > 0
-    partials[:, 2] = torch.where(nonempty, partials[:, 0] / torch.where(nonempty, cnt, 1.0), 0.0)
-    partials[:, 3] = torch.where(nonempty, partials[:, 0], 0.0)
-    partials[:, 4] = nonempty.to(dt)
-    total = partials.sum(0)
-    count, n_seq = total[1], total[4]
-    num, den = [(total[0], count), (total[2], n_seq), (total[3], n_seq)][agg]
-    stats = total / torch.where(count > 0, count, 1.0)
-    stats[:5] = total[:5]
-    stats[0] = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
-    if _MAXCOL in metrics and s > 0:
-        stats[_MAXCOL] = torch.where(count > 0, partials[:, _MAXCOL].max(), 0.0)
-    else:
-        stats[_MAXCOL] = 0.0
-    return stats, partials
-
-
-def _torch_weight(grad, stats, partials, ids, s: int, agg: int) -> torch.Tensor:
-    """Per-token d loss / d (m l), as kernels.losses._agg_weight."""
-    g = grad[0]
-    den = stats[1] if agg == 0 else stats[4]
-    w = torch.where(den > 0, g / torch.where(den > 0, den, 1.0), 0.0)
-    w = w.expand(ids.shape)
-    if agg == 1:
-        cnt = torch.cat([partials[:, 1], partials.new_zeros(1)])[ids]
-        w = torch.where(cnt > 0, w / torch.where(cnt > 0, cnt, 1.0), 0.0)
-    return torch.where(ids < s, w, 0.0)
-
-
-def _metrics(stats: torch.Tensor, names: dict[str, int]) -> dict[str, torch.Tensor]:
-    stats = stats.detach()
-    return {name: stats[j] for name, j in names.items()}
+def _loss_grad(grads, stats: torch.Tensor) -> torch.Tensor:
+    return (grads[0] if grads[0] is not None else torch.zeros_like(stats)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------
 # ppo_policy_loss
 
 
-def _torch_ppo_token(x, o, a, clip_lo, clip_hi, dual_clip):
-    raw = x - o
-    log_ratio = raw.clamp(-20.0, 20.0)
-    ratio = log_ratio.exp()
-    pg1 = -a * ratio
-    pg2 = -a * ratio.clamp(1.0 - clip_lo, 1.0 + clip_hi)
-    grad = torch.where((pg1 >= pg2) & (raw >= -20) & (raw <= 20), pg1, 0.0)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    dual = torch.zeros_like(clipped)
-    if dual_clip is not None:
-        pg3 = -a * dual_clip
-        dual = (a < 0) & (pg > pg3)
-        pg = torch.where(dual, pg3, pg)
-        grad = torch.where(dual, 0.0, grad)
-    return pg, grad, ratio, log_ratio, clipped, dual
+def _ppo_backward(a, outputs, grads, needs):
+    from fastrlhf.kernels.losses import ppo_bwd
+
+    stats, partials = outputs
+    d_logp, d_ent = ppo_bwd(
+        a.logp, a.old_logp, a.advantages, a.mask, a.ref_logp, a.cu_seqlens, partials, stats,
+        _loss_grad(grads, stats), a.seq_len, a.num_seqs, a.clip_low, a.clip_high, a.dual_clip,
+        a.kl_coef, *_kl_code(a.kl_kind), a.entropy_coef, needs[1] and a.entropy is not None,
+        a.agg,
+    )  # fmt: skip
+    return [d_logp, None if d_ent is None else d_ent.to(a.entropy.dtype)]
 
 
-@torch.library.custom_op("fastrlhf::ppo_policy_loss_fwd", mutates_args=())
-def _ppo_fwd_op(
+@fused_op(
+    "ppo_policy_loss",
+    fake=lambda logp, old, adv, mask, ref, ent, cu, seq_len, num_seqs, *_: _stats_fake(
+        logp, num_seqs
+    ),
+    backward=_ppo_backward,
+    differentiable=("logp", "entropy"),
+)
+def _ppo_op(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -319,111 +219,17 @@ def _ppo_fwd_op(
     entropy_coef: float,
     agg: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(logp):
-        from fastrlhf.kernels.losses import ppo_fwd
+    from fastrlhf.kernels.losses import ppo_fwd
 
-        code, st = _split_kind(kl_kind)
-        return ppo_fwd(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, seq_len,
-                       num_seqs, clip_low, clip_high, dual_clip, kl_coef, code, st, entropy_coef,
-                       agg)  # fmt: skip
-    dt = _compute_dtype(logp)
-    x, o, a = logp.to(dt), old_logp.to(dt), advantages.to(dt)
-    pg, _, ratio, log_ratio, clipped, dual = _torch_ppo_token(
-        x, o, a, clip_low, clip_high, dual_clip
-    )
-    loss = pg
-    metrics = {5: clipped, 6: ratio - 1.0 - log_ratio, 7: ratio, 8: ratio, 11: dual, 12: pg}
-    if ref_logp is not None:
-        kl = _torch_kl(x, ref_logp.to(dt), kl_kind)[0]
-        loss = loss + kl_coef * kl
-        metrics[9] = kl
-    if entropy is not None:
-        loss = loss - entropy_coef * entropy.to(dt)
-        metrics[10] = entropy.to(dt)
-    ids = _seq_ids(x.numel(), seq_len, num_seqs, cu_seqlens, x.device)
-    return _torch_stats(loss, mask.to(dt), metrics, ids, num_seqs, agg)
+    code, st = _kl_code(kl_kind)
+    return ppo_fwd(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, seq_len,
+                   num_seqs, clip_low, clip_high, dual_clip, kl_coef, code, st, entropy_coef,
+                   agg)  # fmt: skip
 
 
-@_ppo_fwd_op.register_fake
-def _(logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens, seq_len, num_seqs, *args):
-    dt = _compute_dtype(logp)
-    return logp.new_empty(K, dtype=dt), logp.new_empty((num_seqs, K), dtype=dt)
-
-
-@torch.library.custom_op("fastrlhf::ppo_policy_loss_bwd", mutates_args=())
-def _ppo_bwd_op(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    partials: torch.Tensor,
-    stats: torch.Tensor,
-    grad: torch.Tensor,
-    seq_len: int,
-    num_seqs: int,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    kl_coef: float,
-    kl_kind: str,
-    entropy_coef: float,
-    want_dentropy: bool,
-    agg: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(logp):
-        from fastrlhf.kernels.losses import ppo_bwd
-
-        code, st = _split_kind(kl_kind)
-        d_logp, d_ent = ppo_bwd(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials,
-                                stats, grad.contiguous(), seq_len, num_seqs, clip_low, clip_high,
-                                dual_clip, kl_coef, code, st, entropy_coef, want_dentropy,
-                                agg)  # fmt: skip
-        return d_logp, d_ent if d_ent is not None else logp.new_empty(0, dtype=torch.float32)
-    dt = _compute_dtype(logp)
-    x, o, a = logp.to(dt), old_logp.to(dt), advantages.to(dt)
-    _, dl, *_ = _torch_ppo_token(x, o, a, clip_low, clip_high, dual_clip)
-    if ref_logp is not None:
-        dl = dl + kl_coef * _torch_kl(x, ref_logp.to(dt), kl_kind)[1]
-    ids = _seq_ids(x.numel(), seq_len, num_seqs, cu_seqlens, x.device)
-    m = mask.to(dt)
-    scale = torch.where(
-        m != 0, m * _torch_weight(grad.to(dt), stats, partials, ids, num_seqs, agg), 0.0
-    )
-    d_ent = (-entropy_coef * scale) if want_dentropy else logp.new_empty(0, dtype=dt)
-    return (dl * scale).to(logp.dtype), d_ent
-
-
-@_ppo_bwd_op.register_fake
-def _(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials, stats, grad, seq_len,
-      num_seqs, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, want_dentropy,
-      agg):  # fmt: skip
-    n = logp.numel() if want_dentropy else 0
-    return torch.empty_like(logp), logp.new_empty(n, dtype=_compute_dtype(logp))
-
-
-def _ppo_setup(ctx, inputs, output):
-    logp, old_logp, advantages, mask, ref_logp, entropy, cu_seqlens = inputs[:7]
-    stats, partials = output
-    ctx.save_for_backward(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials, stats)
-    ctx.args = inputs[7:]
-    ctx.has_entropy = entropy is not None
-    ctx.entropy_dtype = entropy.dtype if entropy is not None else None
-    ctx.mark_non_differentiable(partials)
-
-
-def _ppo_backward(ctx, grad_stats, grad_partials):
-    logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials, stats = ctx.saved_tensors
-    seq_len, num_seqs, clip_lo, clip_hi, dual, kl_coef, kl_kind, ent_coef, agg = ctx.args
-    d_logp, d_ent = _ppo_bwd_op(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials,
-                                stats, grad_stats, seq_len, num_seqs, clip_lo, clip_hi, dual,
-                                kl_coef, kl_kind, ent_coef, ctx.has_entropy, agg)  # fmt: skip
-    d_ent = d_ent.to(ctx.entropy_dtype) if ctx.has_entropy else None
-    return (d_logp, None, None, None, None, d_ent) + (None,) * 10
-
-
-_ppo_fwd_op.register_autograd(_ppo_backward, setup_context=_ppo_setup)
+def _metrics(stats: torch.Tensor, slots: dict[str, int], drop=()) -> dict[str, torch.Tensor]:
+    stats = stats.detach()
+    return {name: stats[j] for name, j in slots.items() if name not in drop}
 
 
 def ppo_policy_loss(
@@ -442,6 +248,8 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     *,
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss with KL and entropy terms, fused; returns (loss, metrics).
 
@@ -451,10 +259,11 @@ def ppo_policy_loss(
         l  = pg + kl_coef * kl_penalty(logp, ref_logp, kl_kind) - entropy_coef * entropy
     aggregated over ``mask`` by ``agg`` (see the module docstring).
 
-    Inputs are [B, T] (sequences are rows), or packed [N] with ``cu_seqlens`` [S + 1].
-    mask: bool or float weights. Metrics (0-dim, detached, on the device; no sync):
-    clip_frac, dual_clip_frac, approx_kl (token mean of r - 1 - log r, an estimate of
-    KL(old || new)), ratio_mean, ratio_max, pg_loss, and kl / entropy when given.
+    Inputs are [B, T] (sequences are rows), or packed [N] with ``cu_seqlens`` [S + 1]
+    (checked unless ``validate=False``). mask: bool or float weights. Metrics (0-dim,
+    detached, on the device; no sync): clip_frac, dual_clip_frac, approx_kl (token mean
+    of r - 1 - log r, an estimate of KL(old || new)), ratio_mean, ratio_max, pg_loss,
+    and kl / entropy when given.
     """
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     for name, t in (("old_logp", old_logp), ("advantages", advantages)):
@@ -465,7 +274,7 @@ def ppo_policy_loss(
             check_tensor(name, t, dtypes=FLOAT_DTYPES)
     _check_shapes(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                   ref_logp=ref_logp, entropy=entropy)  # fmt: skip
-    seq_len, num_seqs = _layout(logp, cu_seqlens, "logp")
+    seq_len, num_seqs = _layout("ppo_policy_loss", logp, cu_seqlens, "logp", validate)
     agg_code = _check_agg(agg)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}; got {kl_kind!r}")
@@ -475,39 +284,45 @@ def ppo_policy_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0; got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None); got {dual_clip}")
-    stats, _ = _ppo_fwd_op(
+    if resolve_impl("ppo_policy_loss", impl, logp) != "triton":
+        return ppo_policy_loss_reference(
+            _upcast(logp), _upcast(old_logp), _upcast(advantages), mask, clip_low, clip_high,
+            dual_clip, _upcast(ref_logp), kl_coef, kl_kind, _upcast(entropy), entropy_coef, agg,
+            cu_seqlens,
+        )  # fmt: skip
+    from fastrlhf.kernels.losses import PPO_METRICS
+
+    stats, _ = _ppo_op(
         _flat(logp), _flat(old_logp), _flat(advantages), _flat(mask), _flat(ref_logp),
         _flat(entropy), _flat(cu_seqlens), seq_len, num_seqs, float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip), float(kl_coef), kl_kind,
         float(entropy_coef), agg_code,
     )  # fmt: skip
-    names = dict(_PPO_METRICS)
-    if ref_logp is None:
-        names.pop("kl")
-    if entropy is None:
-        names.pop("entropy")
-    return stats[0], _metrics(stats, names)
+    drop = ("kl",) * (ref_logp is None) + ("entropy",) * (entropy is None)
+    return stats[0], _metrics(stats, PPO_METRICS, drop)
 
 
 # ---------------------------------------------------------------------------------------
 # value_loss
 
 
-def _torch_value_token(v, ov, ret, clip):
-    err = v - ret
-    l1 = err * err
-    if clip is None:
-        return 0.5 * l1, err, torch.zeros_like(l1, dtype=torch.bool), l1
-    dv = v - ov
-    err2 = ov + dv.clamp(-clip, clip) - ret
-    l2 = err2 * err2
-    use2 = l2 > l1
-    grad = torch.where(use2, torch.where((dv >= -clip) & (dv <= clip), err2, 0.0), err)
-    return 0.5 * torch.maximum(l1, l2), grad, use2, l1
+def _value_backward(a, outputs, grads, needs):
+    from fastrlhf.kernels.losses import value_bwd
+
+    stats, partials = outputs
+    d_values = value_bwd(a.values, a.old_values, a.returns, a.mask, a.cu_seqlens, partials,
+                         stats, _loss_grad(grads, stats), a.seq_len, a.num_seqs, a.clip,
+                         a.agg)  # fmt: skip
+    return [d_values]
 
 
-@torch.library.custom_op("fastrlhf::value_loss_fwd", mutates_args=())
-def _value_fwd_op(
+@fused_op(
+    "value_loss",
+    fake=lambda values, old, ret, mask, cu, seq_len, num_seqs, *_: _stats_fake(values, num_seqs),
+    backward=_value_backward,
+    differentiable=("values",),
+)
+def _value_op(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
@@ -518,76 +333,9 @@ def _value_fwd_op(
     clip: float | None,
     agg: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(values):
-        from fastrlhf.kernels.losses import value_fwd
+    from fastrlhf.kernels.losses import value_fwd
 
-        return value_fwd(
-            values, old_values, returns, mask, cu_seqlens, seq_len, num_seqs, clip, agg
-        )
-    dt = _compute_dtype(values)
-    v = values.to(dt)
-    loss, _, clipped, l1 = _torch_value_token(v, old_values.to(dt), returns.to(dt), clip)
-    metrics = {5: clipped, 6: v, 7: l1, 8: v}
-    ids = _seq_ids(v.numel(), seq_len, num_seqs, cu_seqlens, v.device)
-    return _torch_stats(loss, mask.to(dt), metrics, ids, num_seqs, agg)
-
-
-@_value_fwd_op.register_fake
-def _(values, old_values, returns, mask, cu_seqlens, seq_len, num_seqs, clip, agg):
-    dt = _compute_dtype(values)
-    return values.new_empty(K, dtype=dt), values.new_empty((num_seqs, K), dtype=dt)
-
-
-@torch.library.custom_op("fastrlhf::value_loss_bwd", mutates_args=())
-def _value_bwd_op(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    partials: torch.Tensor,
-    stats: torch.Tensor,
-    grad: torch.Tensor,
-    seq_len: int,
-    num_seqs: int,
-    clip: float | None,
-    agg: int,
-) -> torch.Tensor:
-    if _use_triton(values):
-        from fastrlhf.kernels.losses import value_bwd
-
-        return value_bwd(values, old_values, returns, mask, cu_seqlens, partials, stats,
-                         grad.contiguous(), seq_len, num_seqs, clip, agg)  # fmt: skip
-    dt = _compute_dtype(values)
-    _, dl, _, _ = _torch_value_token(values.to(dt), old_values.to(dt), returns.to(dt), clip)
-    ids = _seq_ids(values.numel(), seq_len, num_seqs, cu_seqlens, values.device)
-    m = mask.to(dt)
-    w = _torch_weight(grad.to(dt), stats, partials, ids, num_seqs, agg)
-    return (dl * torch.where(m != 0, m * w, 0.0)).to(values.dtype)
-
-
-@_value_bwd_op.register_fake
-def _(values, old_values, returns, mask, cu_seqlens, partials, stats, grad, *args):
-    return torch.empty_like(values)
-
-
-def _value_setup(ctx, inputs, output):
-    values, old_values, returns, mask, cu_seqlens = inputs[:5]
-    stats, partials = output
-    ctx.save_for_backward(values, old_values, returns, mask, cu_seqlens, partials, stats)
-    ctx.args = inputs[5:]
-    ctx.mark_non_differentiable(partials)
-
-
-def _value_backward(ctx, grad_stats, grad_partials):
-    values, old_values, returns, mask, cu_seqlens, partials, stats = ctx.saved_tensors
-    seq_len, num_seqs, clip, agg = ctx.args
-    d_values = _value_bwd_op(values, old_values, returns, mask, cu_seqlens, partials, stats,
-                             grad_stats, seq_len, num_seqs, clip, agg)  # fmt: skip
-    return (d_values,) + (None,) * 8
-
-
-_value_fwd_op.register_autograd(_value_backward, setup_context=_value_setup)
+    return value_fwd(values, old_values, returns, mask, cu_seqlens, seq_len, num_seqs, clip, agg)
 
 
 def value_loss(
@@ -599,26 +347,35 @@ def value_loss(
     agg: str = "token-mean",
     *,
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss 0.5 * max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2), fused.
 
-    ``clip=None`` gives the plain 0.5 * (v - R)^2. Same layouts and ``agg`` as
-    ppo_policy_loss. Metrics (detached, no sync): clip_frac (tokens where the clipped
-    term is the larger), values_mean, values_max, mse (token mean of (v - R)^2).
+    ``clip=None`` gives the plain 0.5 * (v - R)^2. Same layouts, ``agg``, ``validate``
+    and ``impl`` as ppo_policy_loss. Metrics (detached, no sync): clip_frac (tokens where
+    the clipped term is the larger), values_mean, values_max, mse (token mean of
+    (v - R)^2).
     """
     for name, t in (("values", values), ("old_values", old_values), ("returns", returns)):
         check_tensor(name, t, dtypes=FLOAT_DTYPES)
     check_tensor("mask", mask)
     _check_shapes(values=values, old_values=old_values, returns=returns, mask=mask)
-    seq_len, num_seqs = _layout(values, cu_seqlens, "values")
+    seq_len, num_seqs = _layout("value_loss", values, cu_seqlens, "values", validate)
     agg_code = _check_agg(agg)
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 (or None); got {clip}")
-    stats, _ = _value_fwd_op(
+    if resolve_impl("value_loss", impl, values) != "triton":
+        return value_loss_reference(
+            _upcast(values), _upcast(old_values), _upcast(returns), mask, clip, agg, cu_seqlens
+        )
+    from fastrlhf.kernels.losses import VALUE_METRICS
+
+    stats, _ = _value_op(
         _flat(values), _flat(old_values), _flat(returns), _flat(mask), _flat(cu_seqlens), seq_len,
         num_seqs, None if clip is None else float(clip), agg_code,
     )  # fmt: skip
-    return stats[0], _metrics(stats, _VALUE_METRICS)
+    return stats[0], _metrics(stats, VALUE_METRICS)
 
 
 # ---------------------------------------------------------------------------------------

@@ -159,12 +159,12 @@ def gae_advantages(
         adv, ret = packed_gae(rewards, values, cu_resp, gamma=gamma, lam=lam)
     else:
         from fastrlhf.ops.advantages import unpack_to_padded
-        from fastrlhf.ops.reference.advantages import padded_gae_loop
+        from fastrlhf.ops.reference.advantages import padded_gae_reference
 
         r = unpack_to_padded(rewards.float(), cu_resp, 0.0)  # [B, T]
         v = unpack_to_padded(values.float(), cu_resp, 0.0)  # [B, T]
         m = unpack_to_padded(torch.ones_like(rewards, dtype=torch.bool), cu_resp, False)
-        adv_p, _ = padded_gae_loop(r, v, m, gamma, lam)  # [B, T]
+        adv_p, _ = padded_gae_reference(r, v, m, gamma, lam)  # [B, T]
         seq = sequence_ids(cu_resp, rewards.numel())  # [R]
         pos = torch.arange(rewards.numel(), device=rewards.device) - cu_resp.long()[seq]
         adv = adv_p[seq, pos]  # [R]

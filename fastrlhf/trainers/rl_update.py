@@ -35,11 +35,10 @@ class PolicyUpdate:
     def micro_losses(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(policy loss, value loss, metrics) of a micro-batch, autograd-connected."""
         ppo, fused = self.ppo, self.ppo.fused_ops
-        if fused:
-            from fastrlhf.ops.losses import ppo_policy_loss, value_loss
-        else:
-            from fastrlhf.ops.reference.losses import ppo_policy_loss_ref as ppo_policy_loss
-            from fastrlhf.ops.reference.losses import value_loss_ref as value_loss
+        from fastrlhf.ops.losses import ppo_policy_loss, value_loss
+
+        # cu_resp is built here, so its layout needs no check (that would be a host sync)
+        backend = dict(impl="auto" if fused else "reference", validate=False)
         logp, entropy = response_logprobs(
             self.policy,
             exp,
@@ -65,6 +64,7 @@ class PolicyUpdate:
             entropy_coef=ppo.entropy_coef,
             agg=ppo.agg,
             cu_seqlens=exp.cu_resp,
+            **backend,
         )
         metrics = {
             k if k in ("approx_kl", "entropy") else f"policy/{k}": v for k, v in metrics.items()
@@ -79,6 +79,7 @@ class PolicyUpdate:
                 clip=ppo.value_clip,
                 agg=ppo.agg,
                 cu_seqlens=exp.cu_resp,
+                **backend,
             )
             metrics.update({f"value/{k}": v for k, v in vm.items()})
             metrics["value_loss"] = vl.detach()

@@ -188,3 +188,23 @@ def test_group_advantages_errors():
         group_advantages(s, torch.zeros(3, dtype=torch.long), cu_seqlens=torch.zeros(3).int())
     with pytest.raises(ValueError, match="scores must be a 1-D tensor"):
         group_advantages(s[None], torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "cu,message",
+    [
+        ([1, 3, 6], r"must start at 0; got cu_seqlens\[0\] = 1"),
+        ([0, 4, 2, 6], r"must not decrease; got cu_seqlens\[1\] = 4 > cu_seqlens\[2\] = 2"),
+        ([0, 3, 5], r"must end at total_tokens = 6 \(len\(\w+\)\); got cu_seqlens\[2\] = 5"),
+        ([0, 3, 9], r"must end at total_tokens = 6 \(len\(\w+\)\); got cu_seqlens\[2\] = 9"),
+    ],
+)
+def test_packed_layout_is_validated_like_packed_gae(cu, message):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    x = torch.randn(6)
+    with pytest.raises(ValueError, match="unpack_to_padded: cu_seqlens " + message):
+        unpack_to_padded(x, cu)
+    scores = torch.randn(cu.numel() - 1)
+    for kind in ("grpo", "reinforce++"):
+        with pytest.raises(ValueError, match="group_advantages: cu_seqlens " + message):
+            group_advantages(scores, torch.zeros_like(cu[1:]), kind, cu_seqlens=cu, mask=x > 0)

@@ -17,14 +17,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 def _step(logits, labels, old, adv, ref, mask, cu):
-    lp, h = token_logprobs(logits[:, :-1], labels, 0.8, return_entropy=True, validate=False)
-    kl = kl_penalty(lp, ref, "k3+st")
+    # impl="triton": the custom ops (their Triton kernels run through the interpreter on
+    # CPU); validate=False: the checks read tensors on the host, a graph break.
+    lp, h = token_logprobs(
+        logits[:, :-1], labels, 0.8, return_entropy=True, validate=False, impl="triton"
+    )
+    kl = kl_penalty(lp, ref, "k3+st", impl="triton")
     loss, met = ppo_policy_loss(
         lp, old, adv, mask, dual_clip=3.0, ref_logp=ref, kl_coef=0.1, entropy=h,
-        entropy_coef=0.01, agg="seq-mean-token-mean",
+        entropy_coef=0.01, agg="seq-mean-token-mean", impl="triton",
     )  # fmt: skip
     vl, _ = value_loss(lp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1),
-                       cu_seqlens=cu)  # fmt: skip
+                       cu_seqlens=cu, validate=False, impl="triton")  # fmt: skip
     dl, dmet = dpo_loss(lp.sum(1), old.sum(1), ref.sum(1), adv.sum(1), 0.1, "sigmoid")
     return loss + vl + dl + kl.mean(), met["clip_frac"], dmet["reward_accuracy"]
 
@@ -55,3 +59,31 @@ def test_fullgraph_compile_gives_the_same_numbers(device, backend):
     assert_close(c_clip, e_clip, atol=0.0, name="clip_frac")
     assert_close(c_acc, e_acc, atol=0.0, name="reward_accuracy")
     assert_close(c_grad, e_grad, atol=1e-6, rtol=1e-5, name="dlogits")
+
+
+def test_opcheck_every_fused_op(device):
+    """torch.library.opcheck on each op ops/_library generated: schema, fake, autograd."""
+    import fastrlhf.ops.logprobs  # noqa: F401  (registers the ops)
+    import fastrlhf.ops.losses  # noqa: F401
+
+    n = 7
+    x = torch.randn(n, device=device, requires_grad=True)
+    r = torch.randn(n, device=device)
+    mask = (torch.rand(n, device=device) > 0.3).view(torch.uint8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    ent = torch.rand(n, device=device, requires_grad=True)
+    logits = torch.randn(2, 4, 50, device=device, requires_grad=True)
+    labels = torch.randint(0, 45, (8,), device=device)
+    ops = torch.ops.fastrlhf
+    cases = [
+        (ops.kl_penalty.default, (x, r, "k3")),
+        (ops.ppo_policy_loss.default,
+         (x, r, r, mask, r, ent, cu, 0, 2, 0.2, 0.2, 3.0, 0.1, "k2", 0.01, 1)),
+        (ops.value_loss.default, (x, r, r, mask, None, 7, 1, 0.2, 0)),
+    ]  # fmt: skip
+    for impl in ("triton", "torch"):
+        cases.append(
+            (ops.token_logprobs.default, (logits, labels, 0.7, -100, 45, True, False, impl))
+        )
+    for op, args in cases:
+        torch.library.opcheck(op, args)

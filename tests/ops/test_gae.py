@@ -2,13 +2,14 @@
 
 Ground truth: the float64 Python loop ``packed_gae_reference``. Tolerance (as in
 tests/helpers.py): err(ours) <= 2 * err(PyTorch's padded loop in float32) + atol.
-Every CPU test runs on both paths: the compiled C++ kernel and the PyTorch
-fallback (the extension switched off by monkeypatching). CUDA tests (marked gpu)
+Every CPU test runs on both paths, chosen by impl=: the compiled C++ kernel
+("extension") and the PyTorch padded loop ("torch"). CUDA tests (marked gpu)
 compare the CUDA kernel with the C++ CPU kernel, which accumulates in float64.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -17,21 +18,18 @@ import torch
 import fastrlhf.ops.advantages as adv_mod
 from fastrlhf._ext import extension_available
 from fastrlhf.ops import packed_gae
-from fastrlhf.ops.reference import packed_gae_reference, padded_gae_loop
+from fastrlhf.ops.reference import packed_gae_reference, padded_gae_reference
 from tests.helpers import assert_close, assert_close_to_reference
 
 HAS_EXT = extension_available()
 
 
-@pytest.fixture(params=["extension", "fallback"])
-def path(request, monkeypatch):
-    """Runs a test on the compiled op and on the PyTorch fallback."""
-    if request.param == "extension":
-        if not HAS_EXT:
-            pytest.skip("fastrlhf._C is not built")
-    else:
-        monkeypatch.setattr(adv_mod, "_USE_EXTENSION", False)
-    return request.param
+@pytest.fixture(params=["extension", "torch"])
+def gae(request):
+    """packed_gae on the compiled op and on the PyTorch padded loop."""
+    if request.param == "extension" and not HAS_EXT:
+        pytest.skip("fastrlhf._C is not built")
+    return functools.partial(packed_gae, impl=request.param)
 
 
 def make_batch(lengths, dtype=torch.float32, device="cpu", mask_p=None, bootstrap=False):
@@ -51,7 +49,7 @@ def padded_loop_fp32(rewards, values, cu, gamma, lam, mask, boot):
     """PyTorch's own float32 answer (the trainers' padded loop), packed back: [N]."""
     keep = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask
     pad = lambda x, fill: adv_mod.unpack_to_padded(x, cu, fill)
-    adv, _ = padded_gae_loop(
+    adv, _ = padded_gae_reference(
         pad(rewards.float(), 0.0), pad(values.float(), 0.0), pad(keep, False), gamma, lam, boot
     )
     seq, pos = adv_mod._token_coords(cu, rewards.numel())
@@ -69,10 +67,10 @@ LENGTHS = {
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("boot", [False, True], ids=["terminal", "bootstrap"])
-def test_matches_reference(path, lengths, masked, boot):
+def test_matches_reference(gae, lengths, masked, boot):
     gamma, lam = 0.99, 0.95
     r, v, cu, m, b = make_batch(lengths, mask_p=0.3 if masked else None, bootstrap=boot)
-    adv, ret = packed_gae(r, v, cu, gamma, lam, mask=m, bootstrap=b)
+    adv, ret = gae(r, v, cu, gamma, lam, mask=m, bootstrap=b)
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == r.shape
     ref_adv, ref_ret = packed_gae_reference(r, v, cu, gamma, lam, m, b)
     torch_adv = padded_loop_fp32(r, v, cu, gamma, lam, m, b)
@@ -85,9 +83,9 @@ def test_matches_reference(path, lengths, masked, boot):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.0), (0.0, 0.7)])
-def test_dtypes_and_coefficients(path, dtype, gamma, lam):
+def test_dtypes_and_coefficients(gae, dtype, gamma, lam):
     r, v, cu, m, b = make_batch([5, 0, 64, 1, 200], dtype, mask_p=0.2, bootstrap=True)
-    adv, ret = packed_gae(r, v, cu, gamma, lam, mask=m, bootstrap=b)
+    adv, ret = gae(r, v, cu, gamma, lam, mask=m, bootstrap=b)
     assert adv.dtype == torch.float32
     # the reference sees the same (rounded) inputs, in float64
     ref_adv, ref_ret = packed_gae_reference(r, v, cu, gamma, lam, m, b)
@@ -96,7 +94,7 @@ def test_dtypes_and_coefficients(path, dtype, gamma, lam):
     assert_close_to_reference(ret, ref_ret, torch_adv + v.double(), atol=1e-5, name="returns")
 
 
-def test_masked_tokens_are_skipped_by_hand(path):
+def test_masked_tokens_are_skipped_by_hand(gae):
     # one sequence [u0, m1, m2, u3] (m = masked): u0 bootstraps from u3, across m1, m2
     r = torch.tensor([0.5, 9.0, -7.0, 1.0])
     v = torch.tensor([0.2, 4.0, 5.0, 0.3])
@@ -105,12 +103,12 @@ def test_masked_tokens_are_skipped_by_hand(path):
     g, lam = 0.9, 0.8
     a3 = 1.0 - 0.3  # terminal: next value 0
     a0 = 0.5 + g * 0.3 - 0.2 + g * lam * a3
-    adv, ret = packed_gae(r, v, cu, g, lam, mask=mask)
+    adv, ret = gae(r, v, cu, g, lam, mask=mask)
     assert_close(adv, torch.tensor([a0, 0.0, 0.0, a3]), atol=1e-6)
     assert_close(ret, torch.tensor([a0 + 0.2, 4.0, 5.0, a3 + 0.3]), atol=1e-6)
 
 
-def test_bootstrap_and_boundaries_by_hand(path):
+def test_bootstrap_and_boundaries_by_hand(gae):
     # sequences: [x], [], [y, z]; bootstrap only matters at each sequence's end
     r = torch.tensor([1.0, 2.0, 3.0])
     v = torch.tensor([0.5, 0.25, 0.75])
@@ -120,25 +118,25 @@ def test_bootstrap_and_boundaries_by_hand(path):
     a0 = 1.0 + g * 10.0 - 0.5
     a2 = 3.0 + g * 4.0 - 0.75
     a1 = 2.0 + g * 0.75 - 0.25 + g * lam * a2
-    adv, _ = packed_gae(r, v, cu, g, lam, bootstrap=boot)
+    adv, _ = gae(r, v, cu, g, lam, bootstrap=boot)
     assert_close(adv, torch.tensor([a0, a1, a2]), atol=1e-6)
     # a masked last token passes the bootstrap value through to the one before it
-    adv, _ = packed_gae(r, v, cu, g, lam, mask=torch.tensor([True, True, False]), bootstrap=boot)
+    adv, _ = gae(r, v, cu, g, lam, mask=torch.tensor([True, True, False]), bootstrap=boot)
     assert_close(adv, torch.tensor([a0, 2.0 + g * 4.0 - 0.25, 0.0]), atol=1e-6)
 
 
-def test_empty_batch(path):
+def test_empty_batch(gae):
     for cu in (torch.zeros(1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)):
-        adv, ret = packed_gae(torch.empty(0), torch.empty(0), cu)
+        adv, ret = gae(torch.empty(0), torch.empty(0), cu)
         assert adv.shape == ret.shape == (0,) and adv.dtype == torch.float32
 
 
-def test_many_sequences_parallel(path):
+def test_many_sequences_parallel(gae):
     # enough sequences that at::parallel_for splits them across threads
     rng = random.Random(0)
     lengths = [rng.choice([0, 1, 2, 3, 9, 30]) for _ in range(1500)]
     r, v, cu, m, b = make_batch(lengths, mask_p=0.1, bootstrap=True)
-    adv, _ = packed_gae(r, v, cu, 0.97, 0.9, mask=m, bootstrap=b)
+    adv, _ = gae(r, v, cu, 0.97, 0.9, mask=m, bootstrap=b)
     ref_adv, _ = packed_gae_reference(r, v, cu, 0.97, 0.9, m, b)
     torch_adv = padded_loop_fp32(r, v, cu, 0.97, 0.9, m, b)
     assert_close_to_reference(adv, ref_adv, torch_adv, atol=1e-6)
@@ -167,10 +165,10 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
-def test_bad_inputs_raise(path, case):
+def test_bad_inputs_raise(gae, case):
     _, args, kwargs, exc, msg = case
     with pytest.raises(exc, match=msg):
-        packed_gae(*args, **kwargs)
+        gae(*args, **kwargs)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="fastrlhf._C is not built")
@@ -195,14 +193,19 @@ def test_torch_compile_fullgraph():
     assert_close(got[1], want[1], atol=1e-5)
 
 
-def test_fallback_is_used_when_extension_missing(monkeypatch):
-    calls = []
-    original = adv_mod._packed_gae_torch
-    monkeypatch.setattr(adv_mod, "_USE_EXTENSION", False)
-    monkeypatch.setattr(adv_mod, "_packed_gae_torch", lambda *a: calls.append(1) or original(*a))
-    r, v, cu, _, _ = make_batch([4, 5])
-    packed_gae(r, v, cu)
-    assert calls == [1]
+def test_impl_choices():
+    r, v, cu, m, b = make_batch([4, 0, 5], mask_p=0.3, bootstrap=True)
+    want = packed_gae_reference(r, v, cu, 0.9, 0.8, m, b)
+    got = packed_gae(r, v, cu, 0.9, 0.8, m, b, impl="reference")
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0].float()) and torch.equal(got[1], want[1].float())
+    with pytest.raises(ValueError, match="packed_gae: impl must be one of"):
+        packed_gae(r, v, cu, impl="cuda")
+    with pytest.raises(ValueError, match="cu_seqlens must end at total_tokens = 9"):
+        packed_gae(r, v, cu[:-1], impl="reference")
+    if not HAS_EXT:
+        with pytest.raises(ValueError, match="impl='extension' needs fastrlhf._C"):
+            packed_gae(r, v, cu, impl="extension")
 
 
 # ----------------------------------------------------------------------------- CUDA

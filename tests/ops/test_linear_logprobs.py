@@ -15,7 +15,7 @@ import torch
 import fastrlhf.ops.linear_logprobs as ll
 from fastrlhf.kernels.linear_logprobs import linear_logprobs_dlogits, linear_logprobs_fwd
 from fastrlhf.ops import linear_token_logprobs
-from fastrlhf.ops.reference import linear_token_logprobs_ref, token_logprobs_ref
+from fastrlhf.ops.reference import linear_token_logprobs_reference, token_logprobs_reference
 from tests.helpers import assert_close, assert_close_to_reference
 
 IMPLS = ["torch", "triton"]
@@ -58,9 +58,9 @@ def _check_against_reference(n, h, v, dtype, impl, *, temperature=0.8, v_total=N
     ref_kw = dict(temperature=temperature, vocab_size=v)
     up = lambda t: None if t is None else t.double()
     ref = _run(
-        linear_token_logprobs_ref, up(hidden), up(weight), labels, up(b), coef=coef, **ref_kw
+        linear_token_logprobs_reference, up(hidden), up(weight), labels, up(b), coef=coef, **ref_kw
     )
-    same = _run(linear_token_logprobs_ref, hidden, weight, labels, b, coef=coef, **ref_kw)
+    same = _run(linear_token_logprobs_reference, hidden, weight, labels, b, coef=coef, **ref_kw)
     atol, gtol = TOLS[dtype]
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert_close_to_reference(ours[0], ref[0], same[0], atol=atol, name="logprobs")
@@ -130,7 +130,7 @@ def test_triton_dlogits_tiles_match_torch():
     # the suite's rule against it: an elementwise rtol between the two float32 paths
     # fails on small dlogits, whose error is p * (the row's log p rounding), not p's own.
     logits64 = (hidden.double() @ weight.double().T + b.double()).requires_grad_()
-    lp64, ent64 = token_logprobs_ref(logits64, labels, 0.9, return_entropy=True)
+    lp64, ent64 = token_logprobs_reference(logits64, labels, 0.9, return_entropy=True)
     ((lp64 * g.double()).sum() + (ent64 * g_ent.double()).sum()).backward()
     ref64 = logits64.grad[:, v_lo:v]
     assert_close_to_reference(ours[:, : v - v_lo], ref64, same, atol=1e-7, name="dlogits")
@@ -164,7 +164,7 @@ def test_leading_dims_noncontiguous_and_tied_embedding(impl):
         return lp.detach(), emb.weight.grad.clone()
 
     lp, grad = loss_fn(linear_token_logprobs, impl=impl)
-    lp_ref, grad_ref = loss_fn(linear_token_logprobs_ref)
+    lp_ref, grad_ref = loss_fn(linear_token_logprobs_reference)
     assert_close(lp, lp_ref, atol=1e-5, name="logprobs")
     # the embedding gets gradient from both the lookup and the head
     assert_close(grad, grad_ref, atol=1e-5, name="tied embedding grad")
@@ -181,7 +181,9 @@ def test_partial_gradients_and_edge_rows(impl):
     assert bool((lp[labels == -100] == 0).all()) and lp[5] < 0
     ent.sum().backward()  # only the entropy: the log-prob gradient arrives as None
     h64 = hidden.double().requires_grad_()
-    linear_token_logprobs_ref(h64, w.double(), labels, return_entropy=True)[1].sum().backward()
+    linear_token_logprobs_reference(h64, w.double(), labels, return_entropy=True)[
+        1
+    ].sum().backward()
     assert w.grad is None
     assert_close(h.grad, h64.grad, atol=1e-5, name="grad hidden (entropy only)")
 
@@ -246,7 +248,7 @@ def test_opcheck_and_compile():
     hidden.requires_grad_()
     weight.requires_grad_()
     args = (hidden, weight, labels, b, 0.9, -100, 250, True, "torch")
-    torch.library.opcheck(torch.ops.fastrlhf.linear_token_logprobs_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastrlhf.linear_token_logprobs.default, args)
 
     def fn(h, w):
         lp, ent = linear_token_logprobs(
@@ -273,8 +275,10 @@ def test_gpu_reference_shape_accuracy(impl):
     labels[3] = -100
     coef = (torch.rand(n, device="cuda") + 0.5, torch.randn(n, device="cuda"))
     ours = _run(linear_token_logprobs, hidden, weight, labels, None, coef=coef, impl=impl)
-    ref = _run(linear_token_logprobs_ref, hidden.double(), weight.double(), labels, None, coef=coef)
-    same = _run(linear_token_logprobs_ref, hidden, weight, labels, None, coef=coef)
+    ref = _run(
+        linear_token_logprobs_reference, hidden.double(), weight.double(), labels, None, coef=coef
+    )
+    same = _run(linear_token_logprobs_reference, hidden, weight, labels, None, coef=coef)
     assert_close_to_reference(ours[0], ref[0], same[0], atol=2e-3, name="logprobs")
     assert_close_to_reference(ours[1], ref[1], same[1], atol=2e-3, name="entropy")
     for name, g, g64, g_same in zip(["hidden", "weight"], ours[2], ref[2], same[2]):

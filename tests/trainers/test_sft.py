@@ -39,7 +39,7 @@ def test_packed_fused_loss_matches_unpacked_hf_forward(small_config):
 
 def test_fused_and_reference_paths_give_the_same_curve(small_config, monkeypatch, tmp_path):
     import fastrlhf.ops
-    from fastrlhf.ops.reference.linear import linear_token_logprobs_ref
+    from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
 
     def run(tag):
         cfg = small_config("sft", "train.max_steps=5", "optim.lr=3e-3", f"run_dir={tmp_path / tag}")
@@ -48,7 +48,9 @@ def test_fused_and_reference_paths_give_the_same_curve(small_config, monkeypatch
         return [r["loss"] for r in rows if r["split"] == "train"]
 
     def reference(hidden, weight, labels, bias=None, vocab_size=None, validate=True):
-        return linear_token_logprobs_ref(hidden, weight, labels, bias=bias, vocab_size=vocab_size)
+        return linear_token_logprobs_reference(
+            hidden, weight, labels, bias=bias, vocab_size=vocab_size
+        )
 
     ours = run("fused")
     monkeypatch.setattr(fastrlhf.ops, "linear_token_logprobs", reference)

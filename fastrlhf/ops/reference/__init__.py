@@ -1,36 +1,39 @@
-"""Pure-PyTorch references of every fastrlhf op.
+"""Pure-PyTorch references of every fastrlhf op, named ``<op>_reference``.
 
 These are library code, not test copies: the tests compare the fused kernels with
-them (in float64), and the benchmarks time them as the "reference" provider. Each
-carries a comment with the bytes it reads and writes.
+them (in float64), the ops' "reference" backend runs them, and the benchmarks time
+them as the "reference" provider. Each carries a comment with the bytes it reads and
+writes. Module ``reference/<m>.py`` holds the references of ``fastrlhf/ops/<m>.py``.
 """
 
 from __future__ import annotations
 
-import importlib
+from fastrlhf.ops.reference.advantages import (
+    group_advantages_reference,
+    masked_whiten_reference,
+    packed_gae_reference,
+    padded_gae_reference,
+)
+from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
+from fastrlhf.ops.reference.logprobs import token_logprobs_reference
+from fastrlhf.ops.reference.losses import (
+    aggregate_reference,
+    dpo_loss_reference,
+    kl_penalty_reference,
+    ppo_policy_loss_reference,
+    value_loss_reference,
+)
 
-# public name -> submodule of fastrlhf.ops.reference that defines it
-_EXPORTS: dict[str, str] = {
-    "token_logprobs_ref": "logprobs",
-    "kl_penalty_ref": "losses",
-    "aggregate_ref": "losses",
-    "ppo_policy_loss_ref": "losses",
-    "value_loss_ref": "losses",
-    "dpo_loss_ref": "losses",
-    "packed_gae_reference": "advantages",
-    "padded_gae_loop": "advantages",
-    "masked_whiten_reference": "advantages",
-    "group_advantages_reference": "advantages",
-    "linear_token_logprobs_ref": "linear",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastrlhf.ops.reference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fastrlhf.ops.reference.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "aggregate_reference",
+    "dpo_loss_reference",
+    "group_advantages_reference",
+    "kl_penalty_reference",
+    "linear_token_logprobs_reference",
+    "masked_whiten_reference",
+    "packed_gae_reference",
+    "padded_gae_reference",
+    "ppo_policy_loss_reference",
+    "token_logprobs_reference",
+    "value_loss_reference",
+]

@@ -5,9 +5,9 @@ Shapes: N = packed tokens, B = sequences, T = padded length, G = groups.
 - ``packed_gae_reference``: GAE over packed sequences, a plain Python loop in float64
   over every token. The ground truth of the tests; slow (about a microsecond per
   token), so benchmarks time it on a subset.
-- ``padded_gae_loop``: the loop every RLHF trainer runs, a reverse loop over the T
+- ``padded_gae_reference``: the loop every RLHF trainer runs, a reverse loop over the T
   time steps of padded [B, T] tensors in torch (one handful of kernels per step). It
-  is the PyTorch fallback of ``packed_gae`` and the "padded loop" benchmark provider.
+  is ``packed_gae(impl="torch")`` and the "padded loop" benchmark provider.
 - ``masked_whiten_reference``, ``group_advantages_reference``: Python loops over the
   elements, in float64.
 
@@ -57,7 +57,7 @@ def packed_gae_reference(
     return adv_t, adv_t + values.double().cpu()
 
 
-def padded_gae_loop(
+def padded_gae_reference(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,

@@ -7,8 +7,9 @@ Shapes: N = tokens (any leading shape flattened), V = vocabulary (logits' last d
     entropy  = logsumexp(z) - sum softmax(z) * z
 
 A label outside [0, V') that is not ignore_index gives NaN at its position (the op
-does the same, without reading out of bounds). The reference computes in the dtype
-it is given after an upcast to at least float32 (tests pass float64 tensors).
+does the same, without reading out of bounds); both take that rule, and the entropy's
+p = 0 guard, from ``fastrlhf.ops._labels``. The reference computes in the dtype it is
+given after an upcast to at least float32 (tests pass float64 tensors).
 
 Cost (the "reference" benchmark provider, float32 log_softmax + gather): reads the
 [N, V] logits once for the upcast, writes a [N, V] float32 copy, reads it and writes
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf.ops._labels import entropy_of, label_masks, masked_logp
 
-def token_logprobs_ref(
+
+def token_logprobs_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
@@ -34,19 +37,10 @@ def token_logprobs_ref(
     compute = torch.promote_types(logits.dtype, torch.float32)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
-    v = logits.shape[-1]
     z = logits.to(compute) / temperature  # [..., V]
     logsm = torch.log_softmax(z, dim=-1)  # [..., V]
-    ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= v))
-    safe = torch.where(ignored | bad, torch.zeros_like(labels), labels).long()
-    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [...]
-    logp = torch.where(ignored, torch.zeros_like(logp), logp)
-    logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
+    ignored, bad, safe = label_masks(labels, ignore_index, logits.shape[-1])
+    logp = masked_logp(logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), ignored, bad)
     if not return_entropy:
         return logp
-    p = logsm.exp()
-    # Masked (-inf) logits contribute 0, not 0 * -inf = NaN; zeroing log p *before* the
-    # product keeps the backward finite too.
-    entropy = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)
-    return logp, entropy
+    return logp, entropy_of(logsm)

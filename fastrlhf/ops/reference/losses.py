@@ -14,7 +14,7 @@ token is left the loss is 0. Masked-out positions never contribute, even if thei
 per-token value is not finite (padding may hold garbage).
 
 Cost: every reference is a chain of elementwise PyTorch ops, each of which reads and
-writes a full [N] float tensor: ppo_policy_loss_ref makes ~25 such passes forward
+writes a full [N] float tensor: ppo_policy_loss_reference makes ~25 such passes forward
 (~100 N bytes read and written in float32) and as many again in the backward, with
 one kernel launch per op; that chain is what the fused kernel replaces.
 """
@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KL_KINDS = ("k1", "abs", "k2", "k3", "k1+st", "abs+st", "k2+st", "k3+st")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+from fastrlhf.ops._checks import AGGS, DPO_KINDS, KL_KINDS
 
 
-def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+def kl_penalty_reference(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3"
+) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference, differentiable.
 
     k1: logp - ref; abs: |logp - ref|; k2: (logp - ref)^2 / 2;
@@ -56,30 +56,36 @@ def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3")
     return value
 
 
-def _segments(n_or_shape, mask: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """Sequence id of every token ([N] long, -1 outside every sequence) and S."""
+def _segments(mask: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Sequence id of every token ([N] long, -1 outside every sequence) and S.
+
+    Vectorised (no host sync, so torch.compile traces it). Offsets that are not a valid
+    layout (only reachable with the ops' ``validate=False``) give some in-range ids or
+    -1, never an index error.
+    """
     if cu_seqlens is None:
         b, t = mask.shape
         return torch.arange(b, device=mask.device).repeat_interleave(t), b
-    n = mask.numel()
-    cu = cu_seqlens.long().tolist()
-    ids = torch.full((n,), -1, dtype=torch.long, device=mask.device)
-    for s in range(len(cu) - 1):
-        ids[cu[s] : cu[s + 1]] = s
-    return ids, len(cu) - 1
+    n, s = mask.numel(), cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    pos = torch.arange(n, device=mask.device)
+    ids = torch.searchsorted(cu, pos, right=True) - 1
+    inside = (pos >= cu[0]) & (pos < cu[-1]) & (ids >= 0) & (ids < s)
+    return torch.where(inside, ids, -1), s
 
 
-def aggregate_ref(
+def aggregate_reference(
     loss: torch.Tensor, mask: torch.Tensor, agg: str, cu_seqlens: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Masked aggregation of a per-token loss ([B, T] or packed [N]); see the module doc."""
-    ids, s = _segments(loss.shape, mask, cu_seqlens)
+    ids, s = _segments(mask, cu_seqlens)
     inside = ids >= 0
     m = mask.reshape(-1).to(loss.dtype) * inside
     ml = torch.where(m != 0, loss.reshape(-1), 0.0) * m
-    seg = ids.clamp(min=0)
-    seq_sum = torch.zeros(s, dtype=loss.dtype, device=loss.device).index_add(0, seg, ml)
-    seq_cnt = torch.zeros(s, dtype=loss.dtype, device=loss.device).index_add(0, seg, m)
+    seg = torch.where(inside, ids, s)  # bucket s: tokens outside every sequence (m = 0)
+    buckets = torch.zeros(s + 1, dtype=loss.dtype, device=loss.device)
+    seq_sum = buckets.index_add(0, seg, ml)[:s]
+    seq_cnt = buckets.index_add(0, seg, m)[:s]
     nonempty = seq_cnt > 0
     zero = loss.new_zeros(())
     if agg == "token-mean":
@@ -96,18 +102,20 @@ def aggregate_ref(
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    return aggregate_ref(x, mask, "token-mean", cu_seqlens).detach()
+    return aggregate_reference(x, mask, "token-mean", cu_seqlens).detach()
 
 
 def _masked_max(x: torch.Tensor, mask: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    ids, _ = _segments(x.shape, mask, cu_seqlens)
-    keep = (mask.reshape(-1) != 0) & (ids >= 0)
-    if not bool(keep.any()):
+    """Max over the kept tokens; 0 when none is kept (no host sync)."""
+    if x.numel() == 0:
         return x.new_zeros(())
-    return x.reshape(-1)[keep].max().detach()
+    ids, _ = _segments(mask, cu_seqlens)
+    keep = (mask.reshape(-1) != 0) & (ids >= 0)
+    top = torch.where(keep, x.reshape(-1), float("-inf")).max()
+    return torch.where(keep.any(), top, 0.0).detach()
 
 
-def ppo_policy_loss_ref(
+def ppo_policy_loss_reference(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -137,11 +145,11 @@ def ppo_policy_loss_ref(
     loss_tok = pg
     kl = None
     if ref_logp is not None:
-        kl = kl_penalty_ref(logp, ref_logp, kl_kind)
+        kl = kl_penalty_reference(logp, ref_logp, kl_kind)
         loss_tok = loss_tok + kl_coef * kl
     if entropy is not None:
         loss_tok = loss_tok - entropy_coef * entropy
-    loss = aggregate_ref(loss_tok, mask, agg, cu_seqlens)
+    loss = aggregate_reference(loss_tok, mask, agg, cu_seqlens)
     mm = lambda x: _masked_mean(x.to(loss.dtype), mask, cu_seqlens)
     metrics = {
         "clip_frac": mm(pg2 > pg1),
@@ -158,7 +166,7 @@ def ppo_policy_loss_ref(
     return loss, metrics
 
 
-def value_loss_ref(
+def value_loss_reference(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
@@ -173,7 +181,7 @@ def value_loss_ref(
         l2 = l1
     else:
         l2 = (old_values + (values - old_values).clamp(-clip, clip) - returns).square()
-    loss = aggregate_ref(0.5 * torch.maximum(l1, l2), mask, agg, cu_seqlens)
+    loss = aggregate_reference(0.5 * torch.maximum(l1, l2), mask, agg, cu_seqlens)
     mm = lambda x: _masked_mean(x.to(loss.dtype), mask, cu_seqlens)
     metrics = {
         "clip_frac": mm(l2 > l1),
@@ -184,7 +192,7 @@ def value_loss_ref(
     return loss, metrics
 
 
-def dpo_loss_ref(
+def dpo_loss_reference(
     policy_chosen_logp: torch.Tensor,
     policy_rejected_logp: torch.Tensor,
     ref_chosen_logp: torch.Tensor | None,

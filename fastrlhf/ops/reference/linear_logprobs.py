@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf.ops.reference.logprobs import token_logprobs_reference
 
-def linear_token_logprobs_ref(
+
+def linear_token_logprobs_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -34,20 +36,12 @@ def linear_token_logprobs_ref(
     return_entropy: bool = False,
     vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels) [...] (and the entropy [...]) in ``max(float32, dtype)``; differentiable."""
+    """log p(labels) [...] (and the entropy [...]) in ``max(float32, dtype)``; differentiable.
+
+    The lm_head in the inputs' dtype, then ``token_logprobs_reference`` on its logits.
+    """
     v = weight.shape[0] if vocab_size is None else vocab_size
     logits = hidden @ weight[:v].T  # [..., V]
     if bias is not None:
         logits = logits + bias[:v]
-    compute = torch.promote_types(logits.dtype, torch.float32)
-    logsm = torch.log_softmax(logits.to(compute) / temperature, dim=-1)  # [..., V]
-    ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= v))
-    safe = torch.where(ignored | bad, torch.zeros_like(labels), labels).long()
-    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [...]
-    logp = torch.where(ignored, torch.zeros_like(logp), logp)
-    logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
-    if not return_entropy:
-        return logp
-    entropy = -(logsm.exp() * logsm).sum(-1)  # [...]
-    return logp, entropy
+    return token_logprobs_reference(logits, labels, temperature, ignore_index, return_entropy)
