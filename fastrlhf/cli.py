@@ -12,9 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastrlhf.config import ConfigError, load_config
-
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+from fastrlhf.config import STAGES, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.config import PPOConfig, RunConfig
+from fastrlhf.config import RL_STAGES, PPOConfig, RunConfig
 from fastrlhf.distributed import DistContext, gathered_params, shard_model
 from fastrlhf.trainers.data_order import step_indices
 from fastrlhf.trainers.experience import Experience, consecutive_chunks
@@ -104,7 +104,10 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         from fastrlhf.data.formats import tokenize_prompts
         from fastrlhf.rollout import GenerationConfig, HybridMemoryManager
 
-        ppo = cfg.ppo if ppo is None else ppo
+        # a section built in code gets its nulls resolved and the rules a loaded one got
+        ppo = (cfg.ppo if ppo is None else ppo).for_stage(
+            cfg.stage if cfg.stage in RL_STAGES else "ppo"
+        )
         ppo.validate()
         self.cfg, self.ppo = cfg, ppo
         self.name = ppo.kind

@@ -150,7 +150,9 @@ def test_reward_function_drives_grpo(small_config):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"ppo.n_samples=1 must be >= 2 for kind='grpo'"):
-        PPOConfig(kind="grpo", reward_fn="m:f").validate()
+        PPOConfig(kind="grpo", n_samples=1, reward_fn="m:f").validate()
+    with pytest.raises(ValueError, match=r"ppo.kind: 'bogus' is not one of"):
+        PPOConfig(kind="bogus", reward_fn="m:f").validate()
     with pytest.raises(
         ValueError, match="set exactly one of ppo.reward_model .* and ppo.reward_fn"
     ):
