@@ -241,14 +241,6 @@ class PPOConfig:
             n = 4 if kind in PPO_GROUP_KINDS else 1
         return dataclasses.replace(self, kind=kind, n_samples=n)
 
-    def validate(self) -> None:
-        """The ``ppo.*`` rules of ``fastrlhf.config.rules`` (the same ones a loaded config
-        goes through), for a section built in code; nulls are judged as the ppo stage
-        resolves them (``for_stage``)."""
-        from fastrlhf.config.rules import check_section
-
-        check_section(self.for_stage("ppo"), "ppo")
-
     @property
     def uses_reference(self) -> bool:
         return self.kl_placement != "none" and self.kl_coef > 0

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.config import RL_STAGES, PPOConfig, RunConfig
+from fastrlhf.config import RL_STAGES, PPOConfig, RunConfig, check_section
 from fastrlhf.distributed import DistContext, gathered_params, shard_model
 from fastrlhf.trainers.data_order import step_indices
 from fastrlhf.trainers.experience import Experience, consecutive_chunks
@@ -108,7 +108,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         ppo = (cfg.ppo if ppo is None else ppo).for_stage(
             cfg.stage if cfg.stage in RL_STAGES else "ppo"
         )
-        ppo.validate()
+        check_section(ppo, "ppo")
         self.cfg, self.ppo = cfg, ppo
         self.name = ppo.kind
         self.ctx = ctx = stage_context(cfg, ctx)
