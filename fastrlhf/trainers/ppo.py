@@ -10,8 +10,8 @@ phases of ``fastrlhf.rollout.HybridMemoryManager``:
    critic values (PPO), one score per sequence (reward model or ``module:function``
    reward, ``rewards``), the KL penalty, and the advantages (``experience``).
 3. train (``rl_update``): ``ppo_epochs`` x ``num_mini_batches`` optimizer steps, each
-   after one host sync that checks its losses, gradient norms and metrics for
-   non-finite values (and the approximate KL for ``target_kl``).
+   after its losses, gradient norms and metrics are checked for non-finite values
+   (``numerics.StepGuard``: on the device with fused AdamW, else on the host).
 
 ``fused_ops=False`` runs the same iteration on the PyTorch references (materialised
 logits + log_softmax, the padded reverse GAE loop, the unfused losses);
@@ -51,6 +51,7 @@ from fastrlhf.trainers.data_order import step_indices
 from fastrlhf.trainers.experience import Experience, consecutive_chunks
 from fastrlhf.trainers.kl import kl_controller
 from fastrlhf.trainers.loop import Stage, TrainResult, train
+from fastrlhf.trainers.numerics import StepGuard
 from fastrlhf.trainers.optim import build_optimizer, build_scheduler
 from fastrlhf.trainers.records import data_settings, embedded_task, stage_records
 from fastrlhf.trainers.rl_models import RLModels, _Trained, load_models
@@ -137,6 +138,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
             self.critic_scheduler = build_scheduler(self.critic_optimizer, critic_optim, steps)
             self.optimizers.append(self.critic_optimizer)
             self.schedulers.append(self.critic_scheduler)
+        self.guard = StepGuard(self.optimizers, distributed=ctx.distributed, stage=self.name)
         self.memory = HybridMemoryManager(
             self.policy,
             self.optimizers,
