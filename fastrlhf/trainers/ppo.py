@@ -54,7 +54,7 @@ from fastrlhf.trainers.loop import Stage, TrainResult, train
 from fastrlhf.trainers.numerics import StepGuard
 from fastrlhf.trainers.optim import build_optimizer, build_scheduler
 from fastrlhf.trainers.records import data_settings, embedded_task, stage_records
-from fastrlhf.trainers.rl_models import RLModels, _Trained, load_models
+from fastrlhf.trainers.rl_models import RLModels, TrainedModules, load_models
 from fastrlhf.trainers.rl_score import RolloutScoring
 from fastrlhf.trainers.rl_update import PolicyUpdate
 from fastrlhf.trainers.runtime import stage_context
@@ -120,7 +120,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         shard_model(self.policy, ctx)
         if self.critic is not None:
             shard_model(self.critic, ctx)
-        self.module = _Trained(self.policy, self.critic)
+        self.module = TrainedModules(self.policy, self.critic)
         self.models = {"": self.policy}
         if self.critic is not None:
             self.models["critic"] = self.critic
