@@ -14,10 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from fastrlhf.config import ConfigError, load_config
+from fastrlhf.config import STAGES, ConfigError, load_config
 from fastrlhf.errors import run_reporting_errors
-
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -131,3 +131,34 @@ def test_demo_config(tmp_path):
         load_demo_config(bad)
     with pytest.raises(ConfigError, match=r"demo.stages\[0\]='reinforce'"):
         load_demo_config(EXAMPLES / "demo.yaml", ["demo.stages=[reinforce]"])
+
+
+def test_rl_stage_nulls_are_resolved_and_user_values_kept():
+    # the grpo stage: kind and n_samples left null become the GRPO estimator over groups
+    cfg = load_config(None, ["stage=grpo"])
+    assert (cfg.ppo.kind, cfg.ppo.n_samples) == ("grpo", 4)
+    cfg = load_config(None, ["stage=ppo"])
+    assert (cfg.ppo.kind, cfg.ppo.n_samples) == ("ppo", 1)
+    # values the user wrote are kept as written
+    cfg = load_config(None, ["stage=grpo", "ppo.kind=rloo", "ppo.n_samples=3"])
+    assert (cfg.ppo.kind, cfg.ppo.n_samples) == ("rloo", 3)
+    cfg = load_config(None, ["stage=ppo", "ppo.kind=grpo"])
+    assert (cfg.ppo.kind, cfg.ppo.n_samples) == ("grpo", 4)
+    # ... and one that contradicts the stage is an error, not silently replaced
+    with pytest.raises(ConfigError, match=r"ppo.kind='ppo' needs a critic.*command-line"):
+        load_config(None, ["stage=grpo", "ppo.kind=ppo"])
+    with pytest.raises(ConfigError, match=r"ppo.n_samples=1 must be >= 2 for kind='grpo'"):
+        load_config(None, ["stage=grpo", "ppo.n_samples=1"])
+
+
+def test_the_stage_list_is_the_schema_s():
+    import typing
+
+    from fastrlhf.cli import _parser
+    from fastrlhf.config import DEMO_STAGES, STAGES
+    from fastrlhf.trainers import STAGES as MODULES
+
+    assert STAGES == typing.get_args(typing.get_type_hints(RunConfig)["stage"])
+    assert tuple(MODULES) == STAGES and DEMO_STAGES == STAGES
+    commands = _parser()._subparsers._group_actions[0].choices
+    assert set(STAGES) < set(commands)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from fastrlhf.config.schema import RL_STAGES
+from fastrlhf.config.schema import STAGES as STAGE_NAMES
+
 if TYPE_CHECKING:  # pragma: no cover
     from fastrlhf.config import RunConfig
     from fastrlhf.trainers.loop import TrainResult
 
-# stage name -> module with ``run(cfg, *, resume) -> TrainResult``
+# stage name -> module with ``run(cfg, *, resume) -> TrainResult``: a stage's own module,
+# the RL stages share theirs
 STAGES: dict[str, str] = {
-    "sft": "fastrlhf.trainers.sft",
-    "rm": "fastrlhf.trainers.rm",
-    "dpo": "fastrlhf.trainers.dpo",
-    "ppo": "fastrlhf.trainers.ppo",
-    "grpo": "fastrlhf.trainers.ppo",
+    s: f"fastrlhf.trainers.{'ppo' if s in RL_STAGES else s}" for s in STAGE_NAMES
 }
 
 

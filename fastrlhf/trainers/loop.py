@@ -14,11 +14,12 @@ everything around the steps:
         every save_every (and the last step): host sync, then an atomic checkpoint
     final/ (the model in HF format), plots
 
-Non-finite values: every stage checks its loss, gradient norms and metrics BEFORE its
-optimizer step is applied (``fastrlhf.trainers.numerics``); the window checks all metrics
-again at its host sync, which comes before every checkpoint. Either way the run ends with
-a ``FloatingPointError`` naming the step and the metric (exit status 1 from the command
-line), and no checkpoint holds the bad step.
+Non-finite values: every stage checks its loss, gradient norms and metrics before its
+optimizer step is applied, and a non-finite one never reaches the weights
+(``fastrlhf.trainers.numerics``: on the host, or on the device by skipping the fused
+optimizer step); the window checks all metrics at its host sync, which comes before
+every checkpoint. The run ends with a ``FloatingPointError`` naming the step and the
+metric (exit status 1 from the command line), and no checkpoint holds the bad step.
 
 Several processes: every rank runs the loop alike (each step, eval and checkpoint is a
 collective); rank 0 alone logs, plots and publishes checkpoints, which every rank writes

@@ -1,9 +1,11 @@
 """The non-finite check every stage runs before an optimizer step is applied.
 
 A NaN or inf loss, gradient norm or metric ends the run (``FloatingPointError``, which
-the command line turns into exit status 1) BEFORE the optimizer applies the step: the
-weights, the optimizer state and every checkpoint written so far stay finite, and the
-message names the step and the metric.
+the command line turns into exit status 1) and never reaches the optimizer: the weights,
+the optimizer state and every checkpoint stay finite, and the message names the step and
+the metric. ``check_finite`` checks host values (the supervised stages fetch theirs once
+per step anyway); ``StepGuard`` (the RL update) keeps the check on the device when the
+optimizers are fused, so that it costs no host sync.
 """
 
 from __future__ import annotations
@@ -39,3 +41,39 @@ def check_finite(values: dict[str, float], *, stage: str, step: int) -> None:
                 f"[{stage}] non-finite {name} ({values[name]}) at step {step}; the optimizer "
                 "step was not applied and no checkpoint holds it (try a lower optim.lr)"
             )
+
+
+class StepGuard:
+    """Keeps non-finite values away from the weights, checked before every optimizer step.
+
+    With fused AdamW optimizers in one process the check stays on the device: a
+    non-finite value sets the optimizers' ``found_inf`` flag, so the fused kernel leaves
+    weights, moments and step counts untouched, for that step and every later one; the
+    run then ends at the next host sync of the metrics (a log row, or before a
+    checkpoint), which names the step. Otherwise (foreach / single-tensor AdamW, several
+    processes, or a caller that needs the values anyway) the values come to the host in
+    one sync and are checked there, before the step.
+    """
+
+    def __init__(self, optimizers: list, *, distributed: bool, stage: str) -> None:
+        self.optimizers = optimizers
+        self.stage = stage
+        self.on_device = not distributed and all(o.defaults.get("fused") for o in optimizers)
+        self.bad: torch.Tensor | None = None  # device bool: a non-finite value seen so far
+
+    def check(
+        self, values: dict[str, torch.Tensor], step: int, *, need_host: bool = False
+    ) -> dict[str, float] | None:
+        """Call between backward and ``optimizer.step()``; returns the host values when
+        they were fetched (``need_host``, or no device-side guard)."""
+        if self.on_device and not need_host:
+            finite = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+            bad = ~finite.isfinite().all()
+            self.bad = bad if self.bad is None else self.bad | bad
+            skip = self.bad.float()
+            for opt in self.optimizers:
+                opt.found_inf = skip  # read by the fused AdamW kernel
+            return None
+        host = fetch(values)
+        check_finite(host, stage=self.stage, step=step)
+        return host

@@ -1,57 +1,37 @@
 """PPO with a critic, and the critic-free GRPO / Dr. GRPO / RLOO / REINFORCE++, as ``kind=``
-values of one RL stage.
+values of one RL stage: ``PPOStage``, trained by the shared loop (``loop.train``), whose
+``train_step`` is one iteration (``iteration``), with the generate -> score -> train
+phases of ``fastrlhf.rollout.HybridMemoryManager``:
 
-One iteration (``PPOTrainer.iteration``), with the generate -> score -> train phases of
-``fastrlhf.rollout.HybridMemoryManager``:
+1. generate (here): P = ``rollout_batch_size`` prompts (a seeded permutation per epoch of
+   the prompt set, a pure function of the iteration), each sampled ``n_samples`` times
+   with the policy's own weights and a reusable KV cache: B = P * n_samples sequences.
+2. score (``rl_score``), on the R response tokens only: old and reference log-probs,
+   critic values (PPO), one score per sequence (reward model or ``module:function``
+   reward, ``rewards``), the KL penalty, and the advantages (``experience``).
+3. train (``rl_update``): ``ppo_epochs`` x ``num_mini_batches`` optimizer steps, each
+   after its losses, gradient norms and metrics are checked for non-finite values
+   (``numerics.StepGuard``: on the device with fused AdamW, else on the host).
 
-1. generate: P = ``rollout_batch_size`` prompts (a seeded permutation per epoch of the
-   prompt set, a pure function of the iteration), each sampled ``n_samples`` times with
-   the policy's own weights and a reusable KV cache: B = P * n_samples sequences.
-2. score (no grad), on the R response tokens only (the "response layout": per sequence,
-   its response tokens in order, ``cu_resp`` [B + 1]):
-   old log-probs (policy), reference log-probs (the LoRA policy with its adapter off, or
-   a frozen copy of the initial policy), critic values (PPO), and one score per sequence:
-   a reward model's last-token value normalised with its stored statistics, or a
-   ``module:function`` reward (``fastrlhf.trainers.rewards``).
-   The KL penalty goes into the reward (``kl_placement="reward"``: -beta * (old - ref) on
-   every response token, beta fixed or adaptive) or into the loss (``"loss"``: beta * k3
-   through ``ppo_policy_loss``), or nowhere.
-3. advantages: PPO: the per-token rewards (score on each sequence's last token) through
-   GAE (``ops.packed_gae``, the C++/CUDA extension, on the response layout: prompt tokens
-   are not there at all, which is the same as masking them), then ``ops.masked_whiten``.
-   GRPO / Dr. GRPO / RLOO: ``ops.group_advantages`` over the n samples of each prompt,
-   broadcast to their tokens; REINFORCE++: discounted per-token returns, globally
-   whitened (``group_advantages(kind="reinforce++")``).
-4. train: ``ppo_epochs`` x ``num_mini_batches`` optimizer steps; a mini-batch is packed
-   into micro-batches of <= ``train.micro_batch_tokens`` tokens whose losses are
-   weighted by their share of the mini-batch's loss units (tokens for token-mean,
-   sequences otherwise), so packing does not change the result. Log-probs and entropy
-   come from ``ops.linear_token_logprobs`` on the policy's hidden states at response
-   positions (the [N, V] logits never exist); the loss is ``ops.ppo_policy_loss``
-   (decoupled clip_low / clip_high, optional dual clip, entropy bonus, token- or
-   sequence-level aggregation) plus ``vf_coef`` * ``ops.value_loss`` (clipped) for the
-   critic. With ``target_kl > 0`` the update stops early once a mini-batch's approximate
-   KL(old || new) exceeds it (one host sync per mini-batch, only then).
+``fused_ops=False`` runs the same iteration on the PyTorch references (materialised
+logits + log_softmax, the padded reverse GAE loop, the unfused losses);
+``memory_reuse=False`` allocates a fresh KV cache for every rollout. Both exist for the
+benchmark comparison.
 
-``fused_ops=False`` runs the same loop on the PyTorch references (materialised logits +
-log_softmax, the padded reverse GAE loop, the unfused losses); ``memory_reuse=False``
-allocates a fresh KV cache for every rollout. Both exist for the benchmark comparison.
+Metrics (per iteration, averaged over ``logging.log_every`` by the loop): reward mean /
+std, KL to the reference (nats per sequence) and beta, clip fraction, approximate KL,
+entropy, policy and value losses, explained variance of the critic, response length,
+tokens/s of each phase and, on CUDA, each phase's peak memory. They stay device tensors
+until the loop's logging step or checkpoint. The generation itself syncs (EOS checks),
+as does selecting response tokens after it; an adaptive KL controller with the KL in the
+loss needs beta on the host each iteration. The loop steps the LR schedules once per
+iteration (``train.max_steps`` iterations), whatever the number of optimizer steps in it.
 
-Metrics (per iteration, averaged over ``logging.log_every``): reward mean / std, KL to
-the reference (nats per sequence) and beta, clip fraction, approximate KL, entropy,
-policy and value losses, explained variance of the critic, response length, tokens/s of
-each phase and, on CUDA, each phase's peak memory. They stay device tensors until a
-logging step, which fetches them in one host sync (that is also where a non-finite loss
-stops the run). The generation itself syncs (EOS checks), as does selecting response
-tokens after it; an adaptive KL controller with the KL in the loss needs beta on the
-host each iteration. The LR schedule advances once per iteration (``train.max_steps``
-iterations), whatever the number of optimizer steps inside it.
-
-Checkpoints (``checkpoint.*``, the shared ``fastrlhf.checkpoint`` format) hold the policy,
-the critic (under ``critic/``), both optimizers and schedules, the RNG state and the KL
-controller: a resumed run continues bit-identically. The final directory is the policy in
-HF format, loadable by the next stage. Entry points: ``run_ppo(cfg, ppo)``, and ``run(cfg)``
-for ``fastrlhf.trainers.run_stage`` (what ``fastrlhf ppo|grpo --config FILE`` calls).
+Checkpoints (the shared ``fastrlhf.checkpoint`` format) hold the policy, the critic
+(under ``critic/``), both optimizers and schedules, the RNG state and the KL controller:
+a resumed run continues bit-identically. The final directory is the policy in HF format,
+loadable by the next stage. ``run(cfg)`` is the entry point of
+``fastrlhf.trainers.run_stage`` (what ``fastrlhf ppo|grpo --config FILE`` calls).
 
 Legend: P = prompts, B = sequences, N = packed tokens (prompts + responses), R = response
 tokens (labels), H = hidden size, V = vocabulary.
@@ -65,15 +45,16 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.config import PPOConfig, RunConfig
+from fastrlhf.config import RL_STAGES, PPOConfig, RunConfig, check_section
 from fastrlhf.distributed import DistContext, gathered_params, shard_model
 from fastrlhf.trainers.data_order import step_indices
 from fastrlhf.trainers.experience import Experience, consecutive_chunks
 from fastrlhf.trainers.kl import kl_controller
 from fastrlhf.trainers.loop import Stage, TrainResult, train
+from fastrlhf.trainers.numerics import StepGuard
 from fastrlhf.trainers.optim import build_optimizer, build_scheduler
 from fastrlhf.trainers.records import data_settings, embedded_task, stage_records
-from fastrlhf.trainers.rl_models import RLModels, _Trained, load_models
+from fastrlhf.trainers.rl_models import RLModels, TrainedModules, load_models
 from fastrlhf.trainers.rl_score import RolloutScoring
 from fastrlhf.trainers.rl_update import PolicyUpdate
 from fastrlhf.trainers.runtime import stage_context
@@ -104,8 +85,11 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         from fastrlhf.data.formats import tokenize_prompts
         from fastrlhf.rollout import GenerationConfig, HybridMemoryManager
 
-        ppo = cfg.ppo if ppo is None else ppo
-        ppo.validate()
+        # a section built in code gets its nulls resolved and the rules a loaded one got
+        ppo = (cfg.ppo if ppo is None else ppo).for_stage(
+            cfg.stage if cfg.stage in RL_STAGES else "ppo"
+        )
+        check_section(ppo, "ppo")
         self.cfg, self.ppo = cfg, ppo
         self.name = ppo.kind
         self.ctx = ctx = stage_context(cfg, ctx)
@@ -136,7 +120,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
         shard_model(self.policy, ctx)
         if self.critic is not None:
             shard_model(self.critic, ctx)
-        self.module = _Trained(self.policy, self.critic)
+        self.module = TrainedModules(self.policy, self.critic)
         self.models = {"": self.policy}
         if self.critic is not None:
             self.models["critic"] = self.critic
@@ -154,6 +138,7 @@ class PPOStage(RolloutScoring, PolicyUpdate, Stage):
             self.critic_scheduler = build_scheduler(self.critic_optimizer, critic_optim, steps)
             self.optimizers.append(self.critic_optimizer)
             self.schedulers.append(self.critic_scheduler)
+        self.guard = StepGuard(self.optimizers, distributed=ctx.distributed, stage=self.name)
         self.memory = HybridMemoryManager(
             self.policy,
             self.optimizers,

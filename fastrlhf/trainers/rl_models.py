@@ -23,7 +23,7 @@ from fastrlhf.trainers.loading import (
 from fastrlhf.trainers.rewards import RewardFn, load_reward_function
 
 
-class _Trained(torch.nn.Module):
+class TrainedModules(torch.nn.Module):
     """The modules a checkpoint holds: the policy, and the critic for PPO."""
 
     def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module | None) -> None:

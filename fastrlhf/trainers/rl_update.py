@@ -8,10 +8,11 @@ entropy come from ``ops.linear_token_logprobs`` on the policy's hidden states at
 response positions (the [N, V] logits never exist); the loss is ``ops.ppo_policy_loss``
 (decoupled clip_low / clip_high, optional dual clip, entropy bonus, token- or
 sequence-level aggregation) plus ``vf_coef`` * ``ops.value_loss`` (clipped) for the
-critic. Before each optimizer step one host sync fetches the mini-batch's losses,
-gradient norms and metrics: a non-finite one ends the run before it reaches the weights,
-and with ``target_kl > 0`` the update stops early once the approximate KL(old || new)
-exceeds it.
+critic. Before each optimizer step the mini-batch's losses, gradient norms and metrics
+are checked (``numerics.StepGuard``: on the device with fused AdamW, else one host sync):
+a non-finite one never reaches the weights and ends the run naming the step. With
+``target_kl > 0`` the update stops early once the approximate KL(old || new) exceeds it
+(one host sync per mini-batch).
 
 Legend: B = sequences, R = response tokens.
 """
@@ -26,7 +27,6 @@ from fastrlhf.distributed import all_reduce_sum, clip_grad_norm_, global_max, gl
 from fastrlhf.trainers.data_order import pack_indices
 from fastrlhf.trainers.experience import Experience
 from fastrlhf.trainers.logprobs import response_logprobs
-from fastrlhf.trainers.numerics import check_finite, fetch
 
 
 class PolicyUpdate:
@@ -136,10 +136,9 @@ class PolicyUpdate:
                     mb_sums["value/grad_norm"] = clip_grad_norm_(
                         self.critic.parameters(), max_norm
                     ).float()
-                # one host sync per mini-batch: nothing non-finite reaches the weights, the
-                # optimizer states or a checkpoint; the early-stop check reads it too
-                host = fetch(mb_sums)
-                check_finite(host, stage=self.name, step=step)
+                # nothing non-finite reaches the weights, the optimizer states or a
+                # checkpoint; the early-stop check needs the approximate KL on the host
+                host = self.guard.check(mb_sums, step, need_host=ppo.target_kl > 0)
                 self.memory.prepare_optimizer_step()
                 for opt in self.optimizers:
                     opt.step()

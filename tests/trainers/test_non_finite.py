@@ -39,7 +39,10 @@ class _Injector:
         return max(self.steps.values(), default=0)
 
     def on_step(self, optimizer, args, kwargs) -> None:
-        self.steps[id(optimizer)] = self.steps.get(id(optimizer), 0) + 1
+        # a fused AdamW step with ``found_inf`` set was skipped on the device (StepGuard)
+        found_inf = getattr(optimizer, "found_inf", None)
+        applied = found_inf is None or not bool(found_inf)
+        self.steps[id(optimizer)] = self.steps.get(id(optimizer), 0) + int(applied)
 
     def on_forward(self, module, args, output):
         if type(module).__name__ != self.target or not torch.is_grad_enabled():
@@ -78,20 +81,21 @@ COMMON = [
     "train.micro_batch_tokens=96",
 ]
 
+PPO = [
+    "ppo.kind=ppo",
+    "ppo.reward_fn=fastrlhf.trainers.rewards:arithmetic_reward",
+    "ppo.rollout_batch_size=2",
+    "ppo.max_new_tokens=3",
+    "ppo.eval_max_new_tokens=3",
+]
+
 STAGES = {
     "sft": ("PolicyModel", ["train.batch_size=4"]),
     "rm": ("ValueModel", ["train.batch_size=4"]),
     "dpo": ("PolicyModel", ["train.batch_size=4", "dpo.reference=online"]),
-    "ppo": (
-        "PolicyModel",
-        [
-            "ppo.kind=ppo",
-            "ppo.reward_fn=fastrlhf.trainers.rewards:arithmetic_reward",
-            "ppo.rollout_batch_size=2",
-            "ppo.max_new_tokens=3",
-            "ppo.eval_max_new_tokens=3",
-        ],
-    ),
+    "ppo": ("PolicyModel", PPO),
+    # fused AdamW: the check stays on the device (the step is skipped there, no host sync)
+    "ppo-fused": ("PolicyModel", [*PPO, "optim.impl=fused"]),
 }
 
 
@@ -115,12 +119,13 @@ def test_nan_between_log_windows_stops_before_step_and_checkpoint(
     from fastrlhf.cli import main
 
     run_dir = tmp_path / stage
-    args = [stage, f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}"]
+    command = stage.split("-")[0]
+    args = [command, f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}"]
     rc = main(args + COMMON + STAGES[stage][1])
     err = capsys.readouterr().err
     assert rc == 1, err
     assert f"at step {BAD}" in err and "non-finite" in err, err
-    metric = "policy_loss" if stage == "ppo" else "loss"
+    metric = "policy_loss" if command == "ppo" else "loss"
     assert f"non-finite {metric} " in err, err
     # no optimizer step applied the NaN (nor any later one)
     assert injector.module is not None

@@ -148,15 +148,24 @@ def test_reward_function_drives_grpo(small_config):
     assert 0 < float(metrics["reward_mean"]) <= 0.1 * 6
 
 
+def _check(ppo: PPOConfig) -> None:
+    """What the RL stage does with a section built in code: resolve, then the rules."""
+    from fastrlhf.config import check_section
+
+    check_section(ppo.for_stage("ppo"), "ppo")
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"ppo.n_samples=1 must be >= 2 for kind='grpo'"):
-        PPOConfig(kind="grpo", reward_fn="m:f").validate()
+        _check(PPOConfig(kind="grpo", n_samples=1, reward_fn="m:f"))
+    with pytest.raises(ValueError, match=r"ppo.kind: 'bogus' is not one of"):
+        _check(PPOConfig(kind="bogus", reward_fn="m:f"))
     with pytest.raises(
         ValueError, match="set exactly one of ppo.reward_model .* and ppo.reward_fn"
     ):
         load_models(None, PPOConfig(reward_model="rm", reward_fn="m:f"), torch.device("cpu"))
     with pytest.raises(ValueError, match="ppo.dual_clip=0.5 must be > 1"):
-        PPOConfig(reward_fn="m:f", dual_clip=0.5).validate()
+        _check(PPOConfig(reward_fn="m:f", dual_clip=0.5))
 
 
 # ---------------------------------------------------------------------------------------
