@@ -87,3 +87,27 @@ def test_opcheck_every_fused_op(device):
         )
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_torch_impl_of_the_losses_traces_fullgraph(device):
+    """impl="torch" (the reference, which CPU "auto" runs) has no host sync: one graph."""
+    n = 40
+    x = torch.randn(n, device=device, requires_grad=True)
+    r = torch.randn(n, device=device)
+    m = torch.rand(n, device=device) > 0.3
+    cu = torch.tensor([0, 10, 25, 40], dtype=torch.int32, device=device)
+
+    def f(x):
+        kw = dict(cu_seqlens=cu, validate=False, impl="torch")
+        loss, met = ppo_policy_loss(
+            x, r, r, m, ref_logp=r, kl_coef=0.1, entropy=r, agg="seq-mean-token-mean", **kw
+        )
+        vl, _ = value_loss(x, r, r, m, **kw)
+        return loss + vl + kl_penalty(x, r, impl="torch").mean(), met["ratio_max"]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (c_loss, c_max), (e_loss, e_max) = compiled(x), f(x)
+    assert_close(c_loss, e_loss, atol=1e-6, name="loss")
+    assert_close(c_max, e_max, atol=0.0, name="ratio_max")
+    c_grad, e_grad = (torch.autograd.grad(v, x)[0] for v in (c_loss, e_loss))
+    assert_close(c_grad, e_grad, atol=1e-7, name="dx")

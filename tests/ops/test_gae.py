@@ -1,4 +1,4 @@
-"""Tests of fastrlhf.ops.packed_gae (the fastrlhf::packed_gae op and its fallback).
+"""Tests of fastrlhf.ops.packed_gae (the fastrlhf::packed_gae op and its torch path).
 
 Ground truth: the float64 Python loop ``packed_gae_reference``. Tolerance (as in
 tests/helpers.py): err(ours) <= 2 * err(PyTorch's padded loop in float32) + atol.

@@ -74,23 +74,26 @@ def _segments(mask: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torc
     return torch.where(inside, ids, -1), s
 
 
-def aggregate_reference(
-    loss: torch.Tensor, mask: torch.Tensor, agg: str, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Masked aggregation of a per-token loss ([B, T] or packed [N]); see the module doc."""
+def _weights(mask: torch.Tensor, cu_seqlens, dtype: torch.dtype):
+    """(ids [N], S, m [N]): sequence ids and the mask as weights, 0 outside every sequence.
+
+    Computed once per loss and shared by its aggregation and metrics.
+    """
     ids, s = _segments(mask, cu_seqlens)
-    inside = ids >= 0
-    m = mask.reshape(-1).to(loss.dtype) * inside
+    return ids, s, mask.reshape(-1).to(dtype) * (ids >= 0)
+
+
+def _aggregate(loss: torch.Tensor, ids, s: int, m: torch.Tensor, agg: str) -> torch.Tensor:
     ml = torch.where(m != 0, loss.reshape(-1), 0.0) * m
-    seg = torch.where(inside, ids, s)  # bucket s: tokens outside every sequence (m = 0)
-    buckets = torch.zeros(s + 1, dtype=loss.dtype, device=loss.device)
-    seq_sum = buckets.index_add(0, seg, ml)[:s]
-    seq_cnt = buckets.index_add(0, seg, m)[:s]
-    nonempty = seq_cnt > 0
     zero = loss.new_zeros(())
     if agg == "token-mean":
         total = m.sum()
         return torch.where(total > 0, ml.sum() / total.clamp(min=1e-30), zero)
+    seg = torch.where(ids >= 0, ids, s)  # bucket s: tokens outside every sequence (m = 0)
+    buckets = torch.zeros(s + 1, dtype=loss.dtype, device=loss.device)
+    seq_sum = buckets.index_add(0, seg, ml)[:s]
+    seq_cnt = buckets.index_add(0, seg, m)[:s]
+    nonempty = seq_cnt > 0
     n_seq = nonempty.sum()
     if agg == "seq-mean-token-mean":
         per_seq = torch.where(nonempty, seq_sum / seq_cnt.clamp(min=1e-30), 0.0)
@@ -101,18 +104,27 @@ def aggregate_reference(
     return torch.where(n_seq > 0, per_seq.sum() / n_seq.clamp(min=1), zero)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    return aggregate_reference(x, mask, "token-mean", cu_seqlens).detach()
+def aggregate_reference(
+    loss: torch.Tensor, mask: torch.Tensor, agg: str, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masked aggregation of a per-token loss ([B, T] or packed [N]); see the module doc."""
+    return _aggregate(loss, *_weights(mask, cu_seqlens, loss.dtype), agg)
 
 
-def _masked_max(x: torch.Tensor, mask: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    """Max over the kept tokens; 0 when none is kept (no host sync)."""
-    if x.numel() == 0:
-        return x.new_zeros(())
-    ids, _ = _segments(mask, cu_seqlens)
-    keep = (mask.reshape(-1) != 0) & (ids >= 0)
-    top = torch.where(keep, x.reshape(-1), float("-inf")).max()
-    return torch.where(keep.any(), top, 0.0).detach()
+def _metric_fns(ids, s: int, m: torch.Tensor):
+    """(token mean, max) over the kept tokens, detached; the max is 0 when none is kept."""
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return _aggregate(x.to(m.dtype), ids, s, m, "token-mean").detach()
+
+    def top(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.new_zeros(())
+        keep = m != 0
+        best = torch.where(keep, x.reshape(-1), float("-inf")).max()
+        return torch.where(keep.any(), best, 0.0).detach()
+
+    return mean, top
 
 
 def ppo_policy_loss_reference(
@@ -149,14 +161,15 @@ def ppo_policy_loss_reference(
         loss_tok = loss_tok + kl_coef * kl
     if entropy is not None:
         loss_tok = loss_tok - entropy_coef * entropy
-    loss = aggregate_reference(loss_tok, mask, agg, cu_seqlens)
-    mm = lambda x: _masked_mean(x.to(loss.dtype), mask, cu_seqlens)
+    ids, s, m = _weights(mask, cu_seqlens, loss_tok.dtype)
+    loss = _aggregate(loss_tok, ids, s, m, agg)
+    mm, mmax = _metric_fns(ids, s, m)
     metrics = {
         "clip_frac": mm(pg2 > pg1),
         "dual_clip_frac": mm(dual),
         "approx_kl": mm(ratio - 1.0 - log_ratio),
         "ratio_mean": mm(ratio),
-        "ratio_max": _masked_max(ratio, mask, cu_seqlens),
+        "ratio_max": mmax(ratio),
         "pg_loss": mm(pg),
     }
     if kl is not None:
@@ -181,12 +194,13 @@ def value_loss_reference(
         l2 = l1
     else:
         l2 = (old_values + (values - old_values).clamp(-clip, clip) - returns).square()
-    loss = aggregate_reference(0.5 * torch.maximum(l1, l2), mask, agg, cu_seqlens)
-    mm = lambda x: _masked_mean(x.to(loss.dtype), mask, cu_seqlens)
+    ids, s, m = _weights(mask, cu_seqlens, l1.dtype)
+    loss = _aggregate(0.5 * torch.maximum(l1, l2), ids, s, m, agg)
+    mm, mmax = _metric_fns(ids, s, m)
     metrics = {
         "clip_frac": mm(l2 > l1),
         "values_mean": mm(values),
-        "values_max": _masked_max(values, mask, cu_seqlens),
+        "values_max": mmax(values),
         "mse": mm(l1),
     }
     return loss, metrics
