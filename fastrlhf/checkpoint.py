@@ -61,7 +61,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
 _LEGACY_TRAINER_STATE = "trainer_state.pt"
 REJECTED_PREFIX = "rejected-"
-# what a training run writes into its run dir (``claim_run_dir --overwrite`` removes these)
+# what a training run writes into its run dir (glob patterns; --overwrite removes these)
 RUN_OUTPUTS = (
     "checkpoints",
     "final",
@@ -70,6 +70,8 @@ RUN_OUTPUTS = (
     "plots",
     "tensorboard",
     "config.yaml",
+    "embedded_model",
+    "reference_logps_*.safetensors",
 )
 
 
@@ -444,7 +446,7 @@ def claim_run_dir(
         )
     if not main:
         return
-    removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    removed = sorted({p.name for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)})
     for name in removed:
         path = run_dir / name
         try:

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from fastrlhf.checkpoint import atomic_write_dir_all_ranks
 from fastrlhf.distributed.context import DistContext, barrier
 from fastrlhf.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, SafeSavePlanner
-from fastrlhf.errors import CheckpointError, CheckpointNotFoundError
+from fastrlhf.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 from fastrlhf.integrity import load_state_json, save_state_json
 
 DCP_DIR = "dcp"
@@ -128,7 +128,10 @@ def read_sharded(
             if isinstance(exc, CheckpointError):
                 raise CheckpointError(str(exc)) from None
         causes = "; ".join(f"rank {r}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
-        raise ValueError(f"cannot load {directory} into this model: {causes}") from None
+        raise CheckpointMismatchError(
+            f"cannot load {directory} into this model (was it saved with another model "
+            f"config?): {causes}"
+        ) from None
     if not optimizers:
         set_model_state_dict(model, state["model"])
     else:

@@ -98,7 +98,7 @@ def load_metadata(path: Path) -> dcp_md.Metadata:
             not isinstance(info, dcp_fs._StorageInfo)
             or not isinstance(rel, str)
             or rel != PurePosixPath(rel).name  # a plain file name: no directory, no ".."
-            or rel in ("", ".", "..")
+            or not rel.endswith(".distcp")  # data files only, never .metadata itself
             or not isinstance(info.offset, int)
             or not isinstance(info.length, int)
             or info.offset < 0
