@@ -302,9 +302,9 @@ def load_checkpoint(
     read_sharded(ckpt / "dcp", module, optimizers, ctx)
     rng, legacy_rng = _rng_file(ckpt, ctx.rank), _rng_file(ckpt, ctx.rank, ".pt")
     if state.get("world_size") == ctx.world_size and rng.is_file():
-        set_rng_state(_checked_rng(load_state_json(rng), rng))
+        _restore_rng(load_state_json(rng), rng)
     elif state.get("world_size") == ctx.world_size and legacy_rng.is_file():
-        set_rng_state(_checked_rng(_legacy_load(legacy_rng), legacy_rng))
+        _restore_rng(_legacy_load(legacy_rng), legacy_rng)
     else:
         seed_rank(seed * 1_000_003 + int(state["step"]), ctx.rank)
     return state
@@ -336,7 +336,8 @@ def _legacy_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
 
 
-def _checked_rng(state: Any, path: Path) -> dict[str, Any]:
+def _restore_rng(state: Any, path: Path) -> None:
+    """``set_rng_state`` from a file's contents; anything unusable names the file."""
     ok = (
         isinstance(state, dict)
         and isinstance(state.get("torch"), torch.Tensor)
@@ -347,7 +348,10 @@ def _checked_rng(state: Any, path: Path) -> dict[str, Any]:
     )
     if not ok:
         raise CheckpointError(f"{path}: not an RNG state")
-    return state
+    try:
+        set_rng_state(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a usable RNG state ({type(e).__name__}: {e})") from None
 
 
 def _legacy_note(ckpt: Path) -> str:

@@ -551,3 +551,53 @@ def test_truncated_metadata_and_tensor_file_name_the_file(tmp_path):
         _reseal(ckpt)  # past the manifest: the loaders themselves report the file
         with pytest.raises(CheckpointError, match=re.escape(rel)):
             _resume(root)
+
+
+def _rng_of_wrong_size(ckpt: Path) -> None:
+    state = load_state_json(ckpt / "rng" / "rank_00000.json")
+    state["torch"] = state["torch"][:3]
+    save_state_json(state, ckpt / "rng" / "rank_00000.json")
+
+
+def _metadata_path_escape(ckpt: Path) -> None:
+    path = ckpt / "dcp" / ".metadata"
+    with open(path, "rb") as f:
+        md = pickle.load(f)  # our own, just-written file
+    next(iter(md.storage_data.values())).relative_path = "../trainer_state.json"
+    path.write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize(
+    "rel,damage,match",
+    [
+        ("rng/rank_00000.json", _rng_of_wrong_size, "not a usable RNG state"),
+        ("trainer_state.json", '{"step": "1"}', "no integer 'step'"),
+        ("trainer_state.json", "[" * 5000 + "]" * 5000, "not a JSON state file"),
+        ("trainer_state.json", '{"step": 1, "x": [' * 400 + "1" + "]}" * 400, "nested"),
+        (
+            "trainer_state.json",
+            '{"step": 1, "x": {"__tensor__": {"dtype": "object", "shape": [1], "data": ""}}}',
+            "malformed tensor entry",
+        ),
+        (
+            "trainer_state.json",
+            '{"step": 1, "x": {"__tensor__": {"dtype": "int64", "shape": [4], "data": "AAAA"}}}',
+            "tensor data is 3 bytes",
+        ),
+        ("dcp/.metadata", _metadata_path_escape, "bad storage entry"),
+    ],
+    ids=["rng-size", "step-type", "json-depth", "state-depth", "dtype", "data-size", "path"],
+)
+def test_malformed_state_behind_a_forged_manifest_names_the_file(tmp_path, rel, damage, match):
+    pristine, _, _ = _pristine(tmp_path)
+    root = tmp_path / "run"
+    ckpt = root / pristine.name
+    shutil.copytree(pristine, ckpt)
+    if callable(damage):
+        damage(ckpt)
+    else:
+        (ckpt / rel).write_text(damage)
+    _reseal(ckpt)
+    with pytest.raises(CheckpointError, match=match) as err:
+        _resume(root)
+    assert rel in str(err.value) and "\n" not in str(err.value)
