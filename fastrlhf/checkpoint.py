@@ -13,13 +13,14 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_XXXXXXXX/`` holding
     rng/rank_RRRRR.json     each rank's torch / Python / numpy (/ CUDA) RNG state as JSON
     MANIFEST.json           size + xxh3-128 digest of every other file, written last
 
-Loading never unpickles anything but DCP's metadata classes and tensors (through
-allow-lists); state files are JSON (``fastrlhf.integrity``). ``load_checkpoint`` checks
-the manifest before it deserializes anything; ``resume_checkpoint`` picks the newest
-checkpoint that verifies, warns about each newer one it skips and moves that one aside
-as ``rejected-step_XXXXXXXX`` (never deleted). Checkpoints written before manifests
-(``trainer_state.pt``, ``rng/*.pt``: read with ``torch.load(weights_only=True)``) load
-with a one-line note.
+Loading never unpickles anything: state files are JSON (``fastrlhf.integrity``), DCP's
+metadata goes through an allow-list of its own classes, and tensors are decoded from
+``torch.save``'s archive without running its pickle (``fastrlhf.distributed.safe_dcp``).
+``load_checkpoint`` checks the manifest before it deserializes anything;
+``resume_checkpoint`` picks the newest checkpoint that verifies, warns about each newer
+one it skips and moves that one aside as ``rejected-step_XXXXXXXX`` (never deleted).
+Checkpoints written before manifests (``trainer_state.pt``, ``rng/*.pt``: decoded the
+same pickle-free way) load with a one-line note.
 
 The same format serves one process and many, so a run resumes with another world size
 (``load_checkpoint``: RNG states then restart from the seed, everything else is exact).
@@ -61,7 +62,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
 _LEGACY_TRAINER_STATE = "trainer_state.pt"
 REJECTED_PREFIX = "rejected-"
-# what a training run writes into its run dir (``claim_run_dir --overwrite`` removes these)
+# what a training run writes into its run dir (glob patterns; --overwrite removes these)
 RUN_OUTPUTS = (
     "checkpoints",
     "final",
@@ -70,6 +71,8 @@ RUN_OUTPUTS = (
     "plots",
     "tensorboard",
     "config.yaml",
+    "embedded_model",
+    "reference_logps_*.safetensors",
 )
 
 
@@ -151,7 +154,7 @@ def atomic_write_dir_all_ranks(
 
 
 # ---------------------------------------------------------------------------------------
-# RNG state as tensors and numbers only (loadable with weights_only=True)
+# RNG state as tensors and numbers only (stored as JSON)
 
 
 def rng_state() -> dict[str, Any]:
@@ -300,9 +303,9 @@ def load_checkpoint(
     read_sharded(ckpt / "dcp", module, optimizers, ctx)
     rng, legacy_rng = _rng_file(ckpt, ctx.rank), _rng_file(ckpt, ctx.rank, ".pt")
     if state.get("world_size") == ctx.world_size and rng.is_file():
-        set_rng_state(_checked_rng(load_state_json(rng), rng))
+        _restore_rng(load_state_json(rng), rng)
     elif state.get("world_size") == ctx.world_size and legacy_rng.is_file():
-        set_rng_state(_checked_rng(_legacy_load(legacy_rng), legacy_rng))
+        _restore_rng(_legacy_load(legacy_rng), legacy_rng)
     else:
         seed_rank(seed * 1_000_003 + int(state["step"]), ctx.rank)
     return state
@@ -310,7 +313,7 @@ def load_checkpoint(
 
 def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     """The scheduler / position / step state of a checkpoint (JSON; or, in checkpoints
-    from before manifests, a weights_only ``trainer_state.pt``)."""
+    from before manifests, a ``trainer_state.pt`` decoded without unpickling)."""
     ckpt = Path(ckpt)
     path = ckpt / TRAINER_STATE
     if path.is_file():
@@ -326,15 +329,19 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 
 def _legacy_load(path: Path) -> Any:
-    """A pre-manifest ``.pt`` file through torch's allow-listing (weights_only) loader."""
+    """A pre-manifest ``.pt`` file (``torch.save`` of tensors and plain data), decoded
+    without unpickling (``fastrlhf.distributed.tensor_file.read_saved``)."""
+    from fastrlhf.distributed.tensor_file import read_saved
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, refused global, I/O error...
+        return read_saved(path.read_bytes())
+    except (ValueError, RecursionError, OSError) as e:  # truncated, refused, I/O error
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
 
 
-def _checked_rng(state: Any, path: Path) -> dict[str, Any]:
+def _restore_rng(state: Any, path: Path) -> None:
+    """``set_rng_state`` from a file's contents; anything unusable names the file."""
     ok = (
         isinstance(state, dict)
         and isinstance(state.get("torch"), torch.Tensor)
@@ -345,7 +352,10 @@ def _checked_rng(state: Any, path: Path) -> dict[str, Any]:
     )
     if not ok:
         raise CheckpointError(f"{path}: not an RNG state")
-    return state
+    try:
+        set_rng_state(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a usable RNG state ({type(e).__name__}: {e})") from None
 
 
 def _legacy_note(ckpt: Path) -> str:
@@ -444,7 +454,7 @@ def claim_run_dir(
         )
     if not main:
         return
-    removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    removed = sorted({p.name for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)})
     for name in removed:
         path = run_dir / name
         try:

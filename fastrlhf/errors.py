@@ -50,6 +50,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
         CheckpointError.__init__(self, message)
 
 
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint that does not fit the model it is loaded into (another config)."""
+
+
 class DataError(UserError):
     """A data source that cannot be read or holds no usable row."""
 

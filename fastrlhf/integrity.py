@@ -245,4 +245,7 @@ def load_state_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: missing") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a JSON state file ({e})") from None
-    return decode_state(data, str(path))
+    try:
+        return decode_state(data, str(path))
+    except RecursionError:
+        raise CheckpointError(f"{path}: state nested too deeply") from None

@@ -188,6 +188,11 @@ def _missing_trainer_state(tmp, model, done, mp):
     return _sft(run, model, "--resume", "train.max_steps=2"), "trainer_state.json: missing"
 
 
+def _resume_other_config(tmp, model, done, mp):
+    run, _ = _copy_run(done, tmp)
+    return _sft(run, model, "--resume", "train.max_steps=2", "model.lora_rank=4"), "cannot load"
+
+
 def _run_dir_not_empty(tmp, model, done, mp):
     run, _ = _copy_run(done, tmp)
     return _sft(run, model), "--overwrite"
@@ -240,6 +245,7 @@ CASES = [
     Case("garbage in .metadata", _garbage_metadata),
     Case("garbage in legacy .metadata", _garbage_legacy_metadata),
     Case("missing trainer_state", _missing_trainer_state),
+    Case("--resume with another model config", _resume_other_config),
     Case("fresh run in a non-empty run dir", _run_dir_not_empty),
     Case("--resume with --overwrite", _resume_and_overwrite),
     Case("permission denied", _permission_denied),

@@ -13,7 +13,12 @@ Sources:
 
 Every record gets ``record[LOC_KEY] = "path:line"`` (or "path:row N") so malformed
 rows can be reported precisely. Unparseable JSON lines are reported the same way,
-then skipped or raised according to ``on_malformed``.
+then skipped or raised according to ``on_malformed``. A source that cannot be read (no
+such file, unsupported type, no record at all, an offline hub id) is a one-line
+``DataError`` naming it.
+
+``train_eval_records``: the train and eval rows of a source; a single file has no
+splits, so its eval rows are held out (seeded) and never trained on.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ A sharded checkpoint is a directory
                             assumed across nodes)
     <dir>/extra_state.json  rank 0's ``extra_state`` (step, scheduler, data position...):
                             tensors, numbers and strings as JSON (``fastrlhf.integrity``)
+    <dir>/MANIFEST.json     every file's size and digest, verified before loading
 
 State dicts go through ``torch.distributed.checkpoint.state_dict`` (get_state_dict /
 set_state_dict): parameters and optimizer states are keyed by parameter NAME, not by
@@ -45,8 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 from fastrlhf.checkpoint import atomic_write_dir_all_ranks
 from fastrlhf.distributed.context import DistContext, barrier
 from fastrlhf.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, SafeSavePlanner
-from fastrlhf.errors import CheckpointError, CheckpointNotFoundError
-from fastrlhf.integrity import load_state_json, save_state_json
+from fastrlhf.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from fastrlhf.integrity import has_manifest, load_state_json, save_state_json, verify_manifest
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra_state.json"
@@ -128,7 +129,10 @@ def read_sharded(
             if isinstance(exc, CheckpointError):
                 raise CheckpointError(str(exc)) from None
         causes = "; ".join(f"rank {r}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
-        raise ValueError(f"cannot load {directory} into this model: {causes}") from None
+        raise CheckpointMismatchError(
+            f"cannot load {directory} into this model (was it saved with another model "
+            f"config?): {causes}"
+        ) from None
     if not optimizers:
         set_model_state_dict(model, state["model"])
     else:
@@ -144,7 +148,8 @@ def save_sharded(
     extra_state: dict[str, Any] | None,
     ctx: DistContext,
 ) -> Path:
-    """Write model (+ optimizer) shards and ``extra_state`` atomically to ``path``.
+    """Write model (+ optimizer) shards and ``extra_state`` atomically to ``path``, with a
+    MANIFEST.json that ``load_sharded`` verifies before reading anything.
 
     Every rank must call it (DCP save is a collective). Returns ``path``."""
 
@@ -153,7 +158,7 @@ def save_sharded(
         if ctx.is_main and extra_state is not None:
             save_state_json(extra_state, tmp / EXTRA_FILE)
 
-    return atomic_write_dir_all_ranks(path, write, ctx)
+    return atomic_write_dir_all_ranks(path, write, ctx, manifest=True)
 
 
 def load_sharded(
@@ -173,6 +178,8 @@ def load_sharded(
         raise CheckpointNotFoundError(
             f"{path} is not a sharded checkpoint (no {DCP_DIR}/.metadata)"
         )
+    if has_manifest(path):  # written by save_sharded since manifests exist
+        verify_manifest(path)
     read_sharded(path / DCP_DIR, model, optimizer, ctx)
     extra = path / EXTRA_FILE
     return load_state_json(extra) if extra.is_file() else {}

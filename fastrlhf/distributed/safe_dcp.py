@@ -1,17 +1,19 @@
 """torch.distributed.checkpoint (DCP) storage that never runs code from a file.
 
-Stock DCP reads ``.metadata`` with plain ``pickle.load`` and every non-tensor entry of a
-``.distcp`` file (optimizer hyperparameters...) with ``torch.load(weights_only=False)``:
-a crafted checkpoint runs arbitrary code on load. Here:
+Stock DCP reads ``.metadata`` with plain ``pickle.load``, every non-tensor entry of a
+``.distcp`` file (optimizer hyperparameters...) with ``torch.load(weights_only=False)``
+and tensors with ``torch.load(weights_only=True)``: a crafted checkpoint runs arbitrary
+code on load. Here:
 
 - ``.metadata``: ``_MetadataUnpickler`` resolves only the DCP metadata dataclasses,
   ``torch.Size``, dtypes, layouts and memory formats (what DCP writes); any other global
   is refused before it is built. Every storage entry must name a plain file inside the
   checkpoint directory and carry no stream transforms.
 - non-tensor entries: ``SafeSavePlanner`` writes them as JSON (``fastrlhf.integrity``
-  ``encode_state``) behind a magic prefix; ``SafeLoadPlanner`` reads that, and reads the
-  pickled entries of checkpoints written before it with ``torch.load(weights_only=True)``.
-- tensor entries: DCP's own ``torch.load(weights_only=True)`` (torch's allow-list).
+  ``encode_state``) behind a magic prefix; ``SafeLoadPlanner`` reads that, and the
+  pickled entries of checkpoints written before it with ``read_saved_plain``.
+- tensor entries: ``read_saved_tensor`` (``fastrlhf.distributed.tensor_file``) decodes
+  ``torch.save``'s archive without unpickling, checked against the metadata's dtype.
 
 A failure while reading names the file it came from (``CheckpointError``).
 """
@@ -20,17 +22,28 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    WriteItem,
+    WriteItemType,
+)
+from torch.futures import Future
 
+from fastrlhf.distributed.tensor_file import read_saved_plain, read_saved_tensor
 from fastrlhf.errors import CheckpointError
 from fastrlhf.integrity import decode_state, encode_state
 
@@ -98,7 +111,7 @@ def load_metadata(path: Path) -> dcp_md.Metadata:
             not isinstance(info, dcp_fs._StorageInfo)
             or not isinstance(rel, str)
             or rel != PurePosixPath(rel).name  # a plain file name: no directory, no ".."
-            or rel in ("", ".", "..")
+            or not rel.endswith(".distcp")  # data files only, never .metadata itself
             or not isinstance(info.offset, int)
             or not isinstance(info.length, int)
             or info.offset < 0
@@ -127,32 +140,64 @@ class SafeFileSystemReader(FileSystemReader):
         md.storage_meta.load_id = self.load_id
         return md
 
-    def _slice_file(self, file, sinfo):
-        # called once per entry, right before it is read: remember which file it is in
-        self._current = self._dir / sinfo.relative_path
-        size = Path(self._current).stat().st_size
-        if sinfo.offset + sinfo.length > size:
-            raise CheckpointError(
-                f"{self._current}: entry at bytes {sinfo.offset}..{sinfo.offset + sinfo.length}"
-                f" beyond the file's {size} bytes (truncated)"
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Every entry of ``plan``, read with ``read_saved_tensor`` / the planner's
+        ``load_bytes``: no ``torch.load`` (DCP's own reader unpickles tensors)."""
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
+                item
             )
-        return super()._slice_file(file, sinfo)
-
-    def read_data(self, plan, planner):
         try:
-            return super().read_data(plan, planner)
+            for rel, items in per_file.items():
+                self._current = self._dir / rel
+                with open(self._current, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    for item in items:
+                        self._read_item(f, size, item, planner)
         except CheckpointError as e:
             if str(e).startswith("entry "):  # from load_bytes, which cannot know the file
                 raise CheckpointError(f"{self._current}: {e}") from None
             raise
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{e.filename}: missing") from None
-        except Exception as e:
-            where = self._current or self._dir
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        except OSError as e:
+            raise CheckpointError(f"{self._current}: cannot read ({e.strerror or e})") from None
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_item(self, f, size: int, item: ReadItem, planner: LoadPlanner) -> None:
+        info = self.storage_data[item.storage_index]
+        fqn = item.storage_index.fqn
+        end = info.offset + info.length
+        if end > size:
             raise CheckpointError(
-                f"{where}: cannot read a checkpoint entry ({type(e).__name__}: {first[:200]})"
-            ) from None
+                f"{self._current}: entry {fqn} at bytes {info.offset}..{end} beyond the "
+                f"file's {size} bytes (truncated)"
+            )
+        f.seek(info.offset)
+        raw = f.read(info.length)
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(raw))
+            return
+        try:
+            tensor = read_saved_tensor(raw)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{self._current}: entry {fqn}: {e}") from None
+        entry = self._metadata.state_dict_metadata.get(fqn)
+        expected = getattr(getattr(entry, "properties", None), "dtype", None)
+        if tensor.dtype != expected:
+            raise CheckpointError(
+                f"{self._current}: entry {fqn} holds {tensor.dtype}, the metadata says {expected}"
+            )
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CheckpointError(
+                f"{self._current}: entry {fqn} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
 
 
 class SafeSavePlanner(DefaultSavePlanner):
@@ -166,7 +211,7 @@ class SafeSavePlanner(DefaultSavePlanner):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries from JSON (or, for older checkpoints, torch's weights_only)."""
+    """Non-tensor entries from JSON (or, for older checkpoints, pickle-free decoding)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -178,9 +223,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 raise CheckpointError(f"entry {fqn}: not JSON ({e})") from None
             obj = decode_state(data, f"entry {fqn}")
         else:
-            # written by torch's own planner before this one existed: a pickle, read by
-            # torch's allow-listing unpickler (plain data only)
-            obj = torch.load(io.BytesIO(raw), weights_only=True)
+            # written by torch's own planner before this one existed: a torch.save'd
+            # pickle, read without unpickling (plain data only)
+            try:
+                obj = read_saved_plain(raw)
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"entry {fqn}: {e}") from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
 

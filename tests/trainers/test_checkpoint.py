@@ -11,12 +11,14 @@ tests/distributed covers several processes. Every save is small (a toy of ~100 n
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from fastrlhf.checkpoint import (
     set_rng_state,
 )
 from fastrlhf.distributed import DistContext
+from fastrlhf.distributed.tensor_file import read_saved, read_saved_plain, read_saved_tensor
 from fastrlhf.errors import CheckpointError
 from fastrlhf.integrity import load_state_json, save_state_json, write_manifest
 
@@ -551,3 +554,155 @@ def test_truncated_metadata_and_tensor_file_name_the_file(tmp_path):
         _reseal(ckpt)  # past the manifest: the loaders themselves report the file
         with pytest.raises(CheckpointError, match=re.escape(rel)):
             _resume(root)
+
+
+def _rng_of_wrong_size(ckpt: Path) -> None:
+    state = load_state_json(ckpt / "rng" / "rank_00000.json")
+    state["torch"] = state["torch"][:3]
+    save_state_json(state, ckpt / "rng" / "rank_00000.json")
+
+
+def _metadata_path_escape(ckpt: Path) -> None:
+    path = ckpt / "dcp" / ".metadata"
+    with open(path, "rb") as f:
+        md = pickle.load(f)  # our own, just-written file
+    next(iter(md.storage_data.values())).relative_path = "../trainer_state.json"
+    path.write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize(
+    "rel,damage,match",
+    [
+        ("rng/rank_00000.json", _rng_of_wrong_size, "not a usable RNG state"),
+        ("trainer_state.json", '{"step": "1"}', "no integer 'step'"),
+        ("trainer_state.json", "[" * 5000 + "]" * 5000, "not a JSON state file"),
+        ("trainer_state.json", '{"step": 1, "x": [' * 400 + "1" + "]}" * 400, "nested"),
+        (
+            "trainer_state.json",
+            '{"step": 1, "x": {"__tensor__": {"dtype": "object", "shape": [1], "data": ""}}}',
+            "malformed tensor entry",
+        ),
+        (
+            "trainer_state.json",
+            '{"step": 1, "x": {"__tensor__": {"dtype": "int64", "shape": [4], "data": "AAAA"}}}',
+            "tensor data is 3 bytes",
+        ),
+        ("dcp/.metadata", _metadata_path_escape, "bad storage entry"),
+    ],
+    ids=["rng-size", "step-type", "json-depth", "state-depth", "dtype", "data-size", "path"],
+)
+def test_malformed_state_behind_a_forged_manifest_names_the_file(tmp_path, rel, damage, match):
+    pristine, _, _ = _pristine(tmp_path)
+    root = tmp_path / "run"
+    ckpt = root / pristine.name
+    shutil.copytree(pristine, ckpt)
+    if callable(damage):
+        damage(ckpt)
+    else:
+        (ckpt / rel).write_text(damage)
+    _reseal(ckpt)
+    with pytest.raises(CheckpointError, match=match) as err:
+        _resume(root)
+    assert rel in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stock_dcp_files_load_exactly_without_torch_load(tmp_path, monkeypatch):
+    """dcp/ written by torch's stock DCP (pickled hyperparameters, torch.save'd tensors,
+    as before this format) loads bit-exactly, and torch.load is never called."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    a, opts = _trained(steps=2)
+    root = tmp_path / "run"
+    ckpt = _save(root, 2, a, opts)
+    model_sd, optim_sd = get_state_dict(a, opts)
+    shutil.rmtree(ckpt / "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt / "dcp"), no_dist=True
+        )
+    _reseal(ckpt)
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load called while loading a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    b = Toy()
+    opts_b = _optimizers(b)
+    load_checkpoint(ckpt, b, opts_b, seed=0)
+    _assert_same_module(a, b)
+    _assert_same_optimizers(a, opts, b, opts_b)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.save archives decoded without unpickling (fastrlhf.distributed.tensor_file)
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.randn(3, 4),
+        torch.tensor(5.0),
+        torch.randn(4, 3).t(),  # strided
+        torch.arange(10)[2:5],  # offset into a larger storage
+        torch.randn(5, 5)[::2, 1:],
+        torch.zeros(0, 3, dtype=torch.bfloat16),
+        torch.randn(2, 3).to(torch.bfloat16),
+        torch.tensor([True, False]),
+        torch.randint(0, 255, (7,), dtype=torch.uint8),
+        torch.randn(3, dtype=torch.complex64),
+        torch.randn(2, requires_grad=True),
+    ],
+)
+def test_read_saved_tensor_is_exact(t):
+    got = read_saved_tensor(_saved(t))
+    assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t.detach())
+
+
+def test_read_saved_plain_and_nested():
+    for v in [1e-3, (0.9, 0.95), True, None, ["a.b", "c"], {"x": 1, 2: [1.5]}, 10**30, -3]:
+        got = read_saved_plain(_saved(v))
+        assert got == v and type(got) is type(v)
+    state = {"step": 3, "t": torch.arange(4), "py": (3, tuple(range(5)), None)}
+    got = read_saved(_saved(state))
+    assert got["step"] == 3 and got["py"] == state["py"] and torch.equal(got["t"], state["t"])
+    with pytest.raises(ValueError, match="a tensor where plain data"):
+        read_saved_plain(_saved([torch.ones(1)]))
+
+
+def test_read_saved_refuses_code_and_bad_archives(tmp_path):
+    marker = tmp_path / "PWNED"
+    for obj in (Payload(marker), {"x": Payload(marker)}, [torch.ones(2), Payload(marker)]):
+        with pytest.raises(ValueError):
+            read_saved(_saved(obj))
+    with pytest.raises(ValueError):
+        read_saved(pickle.dumps(Payload(marker)))  # a bare pickle, not an archive
+    assert not marker.exists()
+    raw = _saved(torch.arange(6, dtype=torch.float32))
+    with pytest.raises(ValueError):  # truncated archive
+        read_saved(raw[: len(raw) // 2])
+    # a rebuild whose size reaches past its storage
+    archive = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name in archive.namelist():
+            data = archive.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"K\x06\x85", b"K\x07\x85")  # size (6,) -> (7,)
+            z.writestr(name, data)
+    with pytest.raises(ValueError, match="past its storage"):
+        read_saved_tensor(out.getvalue())
+    # compressed members are refused (no decompression bombs)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in archive.namelist():
+            z.writestr(name, archive.read(name))
+    with pytest.raises(ValueError, match="compressed"):
+        read_saved_tensor(out.getvalue())
