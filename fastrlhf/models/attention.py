@@ -41,6 +41,7 @@ families SDPA cannot serve) meanwhile.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import logging
 import sys
@@ -59,6 +60,9 @@ ATTENTION_CHOICES = ("auto", *ATTENTION_PATHS)
 MASK_MAX_TOKENS = 4096
 _HALF = (torch.float16, torch.bfloat16)
 _NOTED: set[str] = set()
+# The packed forward in progress (set by models.loading.packed_hidden): the fallback for
+# families whose layers do not pass keyword arguments down to attention (StableLM).
+CURRENT_MASK: contextvars.ContextVar = contextvars.ContextVar("fastrlhf_varlen_mask", default=None)
 
 
 class AttentionUnavailable(ValueError):
@@ -94,6 +98,7 @@ class AttentionNeeds:
     softcap: float | None = None  # attention-logit soft-capping (Gemma2)
     sliding_window: int | None = None  # any layer slides
     dropout: float = 0.0  # attention dropout while training
+    sinks: bool = False  # learned attention sinks (GPT-OSS): only the family's eager code
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> AttentionNeeds:
@@ -108,6 +113,7 @@ class AttentionNeeds:
             softcap=float(softcap) if softcap else None,
             sliding_window=int(window) if window else None,
             dropout=float(getattr(text, "attention_dropout", 0.0) or 0.0),
+            sinks=any(name.endswith(".sinks") for name, _ in model.named_parameters()),
         )
 
 
@@ -140,6 +146,13 @@ def choose_attention(
     splits = 1 if batch_invariant else None
     name = needs.model_class
     cap = f"{name} soft-caps attention logits (attn_logit_softcapping={needs.softcap})"
+    if needs.sinks:
+        if requested in ("auto", "eager"):
+            return AttentionChoice("eager", f"{name} has attention sinks: its eager code")
+        raise AttentionUnavailable(
+            f"model.attention={requested} cannot serve {name}: it has attention sinks, "
+            "which only its eager attention computes; use eager"
+        )
     if requested == "auto":
         if not gpu:
             if needs.softcap is not None:
@@ -277,6 +290,8 @@ def varlen_attention_forward(
             f"{VARLEN_ATTENTION} expects one packed row (batch 1), got query {tuple(query.shape)}"
         )
     if cu_seqlens is None and varlen_mask is None:
+        varlen_mask = CURRENT_MASK.get()
+    if cu_seqlens is None and varlen_mask is None:
         raise ValueError(
             f"{VARLEN_ATTENTION} attention needs cu_seqlens (and max_seqlen) passed to the "
             "model's forward: use PolicyModel/ValueModel.forward for packed batches, and "
@@ -289,7 +304,8 @@ def varlen_attention_forward(
     if sliding_window is not None and sliding_window >= varlen_mask.max_seqlen > 0:
         sliding_window = None  # the window covers every sequence: plain causal
     choice = varlen_mask.choice or AttentionChoice("auto", "")
-    path = _runtime_path(choice.path, query, softcap, dropout)
+    sinks = any(kwargs.get(name) is not None for name in ("s_aux", "sinks"))
+    path = _runtime_path(choice.path, query, softcap, dropout, sinks)
     args = (query, key, value, varlen_mask, dropout, scaling, sliding_window)
     if path == "torch_varlen":
         out = torch_varlen(*args, num_splits=choice.num_splits)
@@ -306,8 +322,12 @@ def varlen_attention_forward(
     return out, None
 
 
-def _runtime_path(path: str, query: torch.Tensor, softcap, dropout) -> str:
+def _runtime_path(path: str, query: torch.Tensor, softcap, dropout, sinks=False) -> str:
     """The chosen path, or the exact one to take when this call cannot use it."""
+    if sinks and path != "eager":
+        # attention sinks (gpt-oss and others) live in the family's eager code only
+        _note_once("attention sinks seen at run time: using the family's eager attention")
+        return "eager"
     on_gpu = query.is_cuda or query.is_meta
     if path == "auto":  # no choice made (a bare HF model): what "auto" picks per call
         if softcap is not None:

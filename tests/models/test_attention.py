@@ -14,6 +14,7 @@ from tests.models.families import available, layer_windows, make_config
 PLAIN = A.AttentionNeeds("LlamaForCausalLM")
 CAPPED = A.AttentionNeeds("Gemma2ForCausalLM", softcap=50.0, sliding_window=4096)
 DROPOUT = A.AttentionNeeds("Qwen2ForCausalLM", dropout=0.1)
+SINKS = A.AttentionNeeds("GptOssForCausalLM", sliding_window=128, sinks=True)
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ TABLE = [
     ("eager", CAPPED, "cpu", False, "eager"),
     ("sdpa", PLAIN, "cuda", False, "sdpa"),
     ("sdpa", PLAIN, "cpu", False, "sdpa"),
+    ("auto", SINKS, "cuda", True, "eager"),
+    ("auto", SINKS, "cpu", False, "eager"),
 ]
 
 
@@ -68,6 +71,8 @@ REFUSALS = [
     ("sdpa", CAPPED, "cpu", True, True, "Gemma2ForCausalLM soft-caps"),
     ("sdpa", CAPPED, "cuda", True, True, "use eager, flex or flash_attn"),
     ("fast", PLAIN, "cuda", True, True, "not one of"),
+    ("torch_varlen", SINKS, "cuda", True, True, "attention sinks"),
+    ("flash_attn", SINKS, "cuda", True, True, "attention sinks"),
 ]
 
 
@@ -158,6 +163,10 @@ def test_torch_varlen_traced_on_meta(family, monkeypatch):
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=A.register_varlen_attention()
         )
+    if A.AttentionNeeds.of(model).sinks:  # GPT-OSS: refused, its eager code is the path
+        with pytest.raises(A.AttentionUnavailable, match="attention sinks"):
+            A.configure_attention(model, "torch_varlen")
+        return
     choice = A.configure_attention(model, "torch_varlen", batch_invariant=True)
     assert choice.path == "torch_varlen"
     lengths = [5, 1, 11, 3]
@@ -280,7 +289,8 @@ def test_every_path_matches_eager_padded_forward_and_backward_cuda(family, path)
     try:
         A.configure_attention(model, path)
     except A.AttentionUnavailable:
-        assert path in ("torch_varlen", "sdpa") and A.AttentionNeeds.of(model).softcap
+        needs = A.AttentionNeeds.of(model)
+        assert needs.sinks or (path in ("torch_varlen", "sdpa") and needs.softcap)
         return
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 128, (n,), generator=g).cuda() for n in GPU_LENGTHS]

@@ -91,8 +91,11 @@ def test_packed_logprobs_equal_hf_padded_forward(family_dir):
     assert logit_size > 0.6 * reach, f"{family}: logits only reach {logit_size:.1f}"
     # At logits of ~30 float32 rounding alone moves a log-prob by ~1e-5: HF's own float32
     # forward is that far from its float64 forward. Within 1e-5 beyond that floor.
-    theirs64, _ = _hf_padded_logprobs(path, seqs, torch.float64)
-    floor = float((theirs - theirs64).abs().max().nan_to_num(0.0))  # (Gemma2 fp64 gives NaN)
+    try:
+        theirs64, _ = _hf_padded_logprobs(path, seqs, torch.float64)
+        floor = float((theirs - theirs64).abs().max().nan_to_num(0.0))  # sliding fp64: NaN
+    except RuntimeError:  # GPT-OSS's expert matmuls take no float64: no floor, plain 1e-5
+        floor = 0.0
     diff = float((ours.double() - theirs).abs().max())
     assert diff < 1e-5 + floor, (
         f"{family}: packed vs HF padded log-probs differ by {diff:.3g} (HF fp32 vs fp64: "
