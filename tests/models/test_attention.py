@@ -229,7 +229,7 @@ def test_soft_capped_paths_match_a_float64_loop(window, monkeypatch):
     with torch.no_grad():
         flex = A.flex_document(*args, softcap=1.5)
     assert (flex - ref).abs().max() < 1e-5
-    monkeypatch.setattr(A, "MASK_MAX_TOKENS", 0)
+    monkeypatch.setattr(A.paths, "MASK_MAX_TOKENS", 0)
     looped = A.eager_document(_Attention(), *args, softcap=1.5)
     assert (looped - ref).abs().max() < 1e-5
     windowed_sdpa = A.sdpa_per_sequence(q, k, v, mask, 0.0, None, window)
@@ -319,3 +319,24 @@ def test_every_path_matches_eager_padded_forward_and_backward_cuda(family, path)
     assert _rel(ours, ref) < 2e-2, (family, path, _rel(ours, ref))
     for name, g_ref in ref_grads.items():
         assert _rel(ours_grads[name], g_ref) < 5e-2, (family, path, name)
+
+
+@pytest.mark.gpu
+def test_torch_varlen_runs_under_autocast_with_fp32_weights_cuda(monkeypatch):
+    """The trainer's CUDA default (fp32 master weights, bf16 autocast) reaches varlen_attn."""
+    import torch.nn.attention.varlen as V
+
+    calls = []
+    real = V.varlen_attn
+    monkeypatch.setattr(V, "varlen_attn", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    model = AutoModelForCausalLM.from_config(
+        make_config("qwen2"), attn_implementation=A.register_varlen_attention()
+    ).cuda()
+    assert A.configure_attention(model).path == "torch_varlen"
+    cu = torch.tensor([0, 37, 38, 100], dtype=torch.int32, device="cuda")
+    ids = torch.randint(3, 128, (100,), device="cuda")
+    pos = torch.cat([torch.arange(n, device="cuda") for n in (37, 1, 62)])
+    with torch.autocast("cuda", torch.bfloat16):
+        hidden = packed_hidden(model.base_model, ids, pos, cu, 62)
+    hidden.float().sum().backward()
+    assert calls == [torch.bfloat16] * model.config.num_hidden_layers
