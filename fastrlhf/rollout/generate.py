@@ -327,8 +327,11 @@ def _decode(
     response_lens = torch.zeros(B, dtype=torch.long, device=device)
     response_lp = torch.zeros(B, R, dtype=torch.float32, device=device)
     for t in range(R):
+        logits = _logits_fp32(hidden, weight, bias)  # [B, V]
+        if parts.head is not None:
+            logits = parts.head.apply(logits)
         token, lp = sample_next_token(
-            parts.head.apply(_logits_fp32(hidden, weight, bias)),
+            logits,
             temperature=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,
