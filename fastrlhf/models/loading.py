@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fastrlhf.models.attention import (
+    CURRENT_MASK,
     VARLEN_ATTENTION,
     VarlenMask,
     attention_choice,
@@ -119,12 +120,16 @@ def packed_hidden(
             max_length_k=int(max_seqlen),
         )
     # sdpa / eager: transformers detects the packing from position_ids restarting at 0
-    out = decoder(
-        input_ids=input_ids[None].long(),  # [1, N]
-        position_ids=position_ids[None].long(),  # [1, N]
-        use_cache=False,
-        **kwargs,
-    )
+    token = CURRENT_MASK.set(kwargs.get("varlen_mask"))
+    try:
+        out = decoder(
+            input_ids=input_ids[None].long(),  # [1, N]
+            position_ids=position_ids[None].long(),  # [1, N]
+            use_cache=False,
+            **kwargs,
+        )
+    finally:
+        CURRENT_MASK.reset(token)
     return out.last_hidden_state[0]  # [N, H]
 
 

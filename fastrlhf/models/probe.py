@@ -51,7 +51,7 @@ def probe_difference(policy) -> tuple[float, float]:
     for b, s in enumerate(seqs):  # right padding; the mask hides it
         ids[b, : len(s)] = s
         mask[b, : len(s)] = 1
-    was_training = policy.training
+    modes = [(m, m.training) for m in policy.modules()]  # restored exactly, module by module
     policy.eval()
     try:
         with torch.no_grad():
@@ -62,7 +62,8 @@ def probe_difference(policy) -> tuple[float, float]:
             theirs = torch.cat([logits[b, :n] for b, n in enumerate(lengths)])
             theirs = theirs[:, :v].float().log_softmax(-1)  # [N, V]
     finally:
-        policy.train(was_training)
+        for m, training in modes:
+            m.training = training
     diff = float((ours - theirs).abs().max())
     if dtype in (torch.float32, torch.float64):
         tol = FP32_TOLERANCE

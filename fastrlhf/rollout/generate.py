@@ -306,8 +306,9 @@ def _decode(
         keyed=sample_keys is not None,
         pad_token_id=int(config.pad_token_id),
         eos=_as_tuple(config.eos_token_id),
-        logit_scale=float(parts.head.scale),
-        softcap=None if parts.head.softcap is None else float(parts.head.softcap),
+        # the family's post-head transform, when the parts carry one
+        logit_scale=float(parts.head.scale) if parts.head is not None else 1.0,
+        softcap=parts.head.softcap if parts.head is not None else None,
     )
 
     # Left-padded canvas [Bb, P]: prompt flush right, responses follow in columns P...

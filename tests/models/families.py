@@ -62,6 +62,17 @@ SPECS = {
     "granite": _spec("GraniteConfig", logits_scaling=8.0),
     "cohere": _spec("CohereConfig", logit_scale=0.25),
     "cohere2": _spec("Cohere2Config", sliding_window=WINDOW, layer_types=MIXED, logit_scale=0.25),
+    "gemma": _spec("GemmaConfig"),
+    # StableLM's layers pass no keyword arguments down to attention
+    "stablelm": _spec("StableLmConfig"),
+    # attention sinks, sliding layers, mixture of experts
+    "gpt_oss": _spec(
+        "GptOssConfig",
+        sliding_window=WINDOW,
+        layer_types=MIXED,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),  # fmt: skip
 }
 
 

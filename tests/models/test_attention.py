@@ -14,6 +14,7 @@ from tests.models.families import available, layer_windows, make_config
 PLAIN = A.AttentionNeeds("LlamaForCausalLM")
 CAPPED = A.AttentionNeeds("Gemma2ForCausalLM", softcap=50.0, sliding_window=4096)
 DROPOUT = A.AttentionNeeds("Qwen2ForCausalLM", dropout=0.1)
+SINKS = A.AttentionNeeds("GptOssForCausalLM", sliding_window=128, sinks=True)
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ TABLE = [
     ("eager", CAPPED, "cpu", False, "eager"),
     ("sdpa", PLAIN, "cuda", False, "sdpa"),
     ("sdpa", PLAIN, "cpu", False, "sdpa"),
+    ("auto", SINKS, "cuda", True, "eager"),
+    ("auto", SINKS, "cpu", False, "eager"),
 ]
 
 
@@ -68,6 +71,8 @@ REFUSALS = [
     ("sdpa", CAPPED, "cpu", True, True, "Gemma2ForCausalLM soft-caps"),
     ("sdpa", CAPPED, "cuda", True, True, "use eager, flex or flash_attn"),
     ("fast", PLAIN, "cuda", True, True, "not one of"),
+    ("torch_varlen", SINKS, "cuda", True, True, "attention sinks"),
+    ("flash_attn", SINKS, "cuda", True, True, "attention sinks"),
 ]
 
 
@@ -158,6 +163,10 @@ def test_torch_varlen_traced_on_meta(family, monkeypatch):
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=A.register_varlen_attention()
         )
+    if A.AttentionNeeds.of(model).sinks:  # GPT-OSS: refused, its eager code is the path
+        with pytest.raises(A.AttentionUnavailable, match="attention sinks"):
+            A.configure_attention(model, "torch_varlen")
+        return
     choice = A.configure_attention(model, "torch_varlen", batch_invariant=True)
     assert choice.path == "torch_varlen"
     lengths = [5, 1, 11, 3]
@@ -220,7 +229,7 @@ def test_soft_capped_paths_match_a_float64_loop(window, monkeypatch):
     with torch.no_grad():
         flex = A.flex_document(*args, softcap=1.5)
     assert (flex - ref).abs().max() < 1e-5
-    monkeypatch.setattr(A, "MASK_MAX_TOKENS", 0)
+    monkeypatch.setattr(A.paths, "MASK_MAX_TOKENS", 0)
     looped = A.eager_document(_Attention(), *args, softcap=1.5)
     assert (looped - ref).abs().max() < 1e-5
     windowed_sdpa = A.sdpa_per_sequence(q, k, v, mask, 0.0, None, window)
@@ -253,3 +262,81 @@ def test_padded_forwards_of_soft_capped_families_fall_back_to_eager():
     assert model.config._attn_implementation == A.VARLEN_ATTENTION
     llama = AutoModelForCausalLM.from_config(make_config("llama"))
     assert A.padded_impl(llama) == "sdpa"
+
+
+GPU_LENGTHS = [37, 1, 200, 64, 129]
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["torch_varlen", "flash_attn", "flex", "sdpa", "eager"])
+@pytest.mark.parametrize("family", available())
+def test_every_path_matches_eager_padded_forward_and_backward_cuda(family, path):
+    """bf16 on CUDA: each path's packed hidden states and parameter gradients against the
+    same model's eager padded forward (relative L2 error within bf16 tolerance); a path
+    that cannot serve the family must be refused instead."""
+    if path == "flash_attn" and not A.flash_attn_available():
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    config = make_config(family)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=A.register_varlen_attention()
+    )
+    model = model.to("cuda", torch.bfloat16)
+    try:
+        A.configure_attention(model, path)
+    except A.AttentionUnavailable:
+        needs = A.AttentionNeeds.of(model)
+        assert needs.sinks or (path in ("torch_varlen", "sdpa") and needs.softcap)
+        return
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 128, (n,), generator=g).cuda() for n in GPU_LENGTHS]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.tensor(GPU_LENGTHS, device="cuda").cumsum(0)
+    positions = torch.cat([torch.arange(n, device="cuda") for n in GPU_LENGTHS])
+    weights = torch.randn(sum(GPU_LENGTHS), config.hidden_size, device="cuda")
+
+    def grads_of(hidden):
+        model.zero_grad()
+        (hidden.float() * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = packed_hidden(model.base_model, torch.cat(seqs), positions, cu, max(GPU_LENGTHS))
+    ours_grads = grads_of(ours)
+    width = max(GPU_LENGTHS)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+        mask[b, : len(s)] = 1
+    with A.padded_attention(model, "eager"):
+        padded = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = torch.cat([padded[b, :n] for b, n in enumerate(GPU_LENGTHS)])
+        ref_grads = grads_of(ref)
+    assert _rel(ours, ref) < 2e-2, (family, path, _rel(ours, ref))
+    for name, g_ref in ref_grads.items():
+        assert _rel(ours_grads[name], g_ref) < 5e-2, (family, path, name)
+
+
+@pytest.mark.gpu
+def test_torch_varlen_runs_under_autocast_with_fp32_weights_cuda(monkeypatch):
+    """The trainer's CUDA default (fp32 master weights, bf16 autocast) reaches varlen_attn."""
+    import torch.nn.attention.varlen as V
+
+    calls = []
+    real = V.varlen_attn
+    monkeypatch.setattr(V, "varlen_attn", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    model = AutoModelForCausalLM.from_config(
+        make_config("qwen2"), attn_implementation=A.register_varlen_attention()
+    ).cuda()
+    assert A.configure_attention(model).path == "torch_varlen"
+    cu = torch.tensor([0, 37, 38, 100], dtype=torch.int32, device="cuda")
+    ids = torch.randint(3, 128, (100,), device="cuda")
+    pos = torch.cat([torch.arange(n, device="cuda") for n in (37, 1, 62)])
+    with torch.autocast("cuda", torch.bfloat16):
+        hidden = packed_hidden(model.base_model, ids, pos, cu, 62)
+    hidden.float().sum().backward()
+    assert calls == [torch.bfloat16] * model.config.num_hidden_layers

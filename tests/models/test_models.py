@@ -151,7 +151,7 @@ def test_long_rows_switch_to_the_per_sequence_loop(model_dirs, monkeypatch):
     with torch.no_grad():
         masked = policy(*args)
         calls = []
-        monkeypatch.setattr(A, "MASK_MAX_TOKENS", 0)
+        monkeypatch.setattr(A.paths, "MASK_MAX_TOKENS", 0)
         real = A.sdpa_per_sequence
         monkeypatch.setattr(A, "sdpa_per_sequence", lambda *a: calls.append(1) or real(*a))
         looped = policy(*args)

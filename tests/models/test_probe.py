@@ -76,3 +76,11 @@ def test_probe_catches_a_wrong_table_entry():
     policy.head = HeadTransform()  # as if the soft-cap were unknown
     with pytest.raises(LogitProbeMismatch, match="Gemma2ForCausalLM: .*known: none"):
         check_logits(policy)
+
+
+def test_probe_leaves_every_module_in_its_mode(tmp_path):
+    AutoModelForCausalLM.from_config(make_config("llama")).save_pretrained(str(tmp_path))
+    without = load_policy(str(tmp_path), logit_probe=False)
+    probed = load_policy(str(tmp_path))
+    modes = [m.training for m in without.modules()]
+    assert [m.training for m in probed.modules()] == modes
