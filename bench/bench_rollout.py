@@ -243,8 +243,14 @@ def decode_main(rep: int) -> None:
                 eos_token_id=None,
             )  # fmt: skip
 
+    t_start = time.perf_counter()
+
+    def progress(what: str) -> None:  # a CPU run takes minutes: say where it is
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", flush=True)
+
     # eager ops per decoded token: (R = 9) - (R = 1) rollouts, over the 8 extra tokens
     ops_per_token = (_aten_ops(lambda: ours("off", 9)) - _aten_ops(lambda: ours("off", 1))) / 8
+    progress(f"eager ATen ops per decoded token: {ops_per_token:.0f}")
     # first compiled rollout: compile once, keeping Inductor's output code (no FX cache hit)
     codes: list[str] = []
     t0 = time.perf_counter()
@@ -255,7 +261,10 @@ def decode_main(rep: int) -> None:
         compiled = ours("on")
     compile_s = time.perf_counter() - t0
     kernels = kernel_calls(codes[-1]) if codes else {}
-    same = torch.equal(compiled.input_ids, ours("off").input_ids)
+    progress(f"first compiled rollout {compile_s:.1f} s, kernels per step {kernels}")
+    eager = ours("off")  # also the eager path's warm-up
+    same = torch.equal(compiled.input_ids, eager.input_ids)
+    progress(f"compiled tokens == eager tokens: {same}")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
     shape = f"B={B} P<={P} R={R} L={c.num_hidden_layers} H={c.hidden_size} V={vocab}"
@@ -265,8 +274,10 @@ def decode_main(rep: int) -> None:
         ("ours_compiled", lambda: ours("on")),
         ("hf_generate", hf),
     ):
-        fn()  # warm-up (the compiled path: graphs captured on CUDA)
+        if name != "ours_eager":  # warmed up above
+            fn()  # warm-up (the compiled path: graphs captured on CUDA)
         ms = sorted(_timed(fn, device, rep))
+        progress(f"{name}: {ms} ms")
         timing = Timing(ms[len(ms) // 2], ms[0], ms[-1])
         extra = {}
         if name == "ours_eager":

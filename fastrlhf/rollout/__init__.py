@@ -8,7 +8,8 @@ generate -> score -> train memory state machine.
 - ``sequence_keys(seed, step, ids)`` gives per-sequence sampling keys; passed to
   ``generate(..., sample_keys=keys)`` they make each rollout a function of its own prompt
   and key only, whatever the batch or rank (layout-invariant data-parallel sampling).
-- ``ReusableKVCache`` keeps one static KV cache alive across decode steps and rollouts.
+- ``ReusableKVCache`` keeps one static KV cache alive across decode steps and rollouts,
+  with the compiled decode step's state and CUDA graphs (``rollout.decode``).
 - ``HybridMemoryManager`` enforces the phase order and frees / offloads memory between phases.
 
 transformers is imported only when a cache is first allocated.

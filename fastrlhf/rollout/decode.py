@@ -317,7 +317,7 @@ class StepRunner:
             else:
                 self._graph_step()
             self._log_compiled()
-        except torch._dynamo.exc.TorchDynamoException as err:
+        except _compile_errors() as err:
             # raised while tracing or compiling, before the step ran: redo it eagerly
             _fall_back(err)
             self.compiled, self.graph = False, None
@@ -356,6 +356,14 @@ class StepRunner:
         g.pool_bytes = torch.cuda.memory_reserved() - reserved
         g.graph = graph
         graph.replay()  # ... so run it
+
+
+# Tracing/backend failures, and the recompile limit of a fullgraph function (dynamo's
+# recompile_limit specialisations of (bucket, capacity, sampling settings) per process).
+def _compile_errors() -> tuple[type[Exception], ...]:
+    from torch._dynamo import exc  # dynamo is heavy: imported when a step is compiled
+
+    return exc.TorchDynamoException, exc.FailOnRecompileLimitHit
 
 
 def _weight_ptrs(parts) -> tuple[int, ...]:

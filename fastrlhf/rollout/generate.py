@@ -11,11 +11,15 @@ What ``generate`` computes, for prompts given in packed form (``prompt_ids`` [Np
    so each row sees exactly what an unpadded forward of that sequence sees.
 2. Prefill: one forward of the decoder over [B, P] fills a ``StaticCache`` that
    ``ReusableKVCache`` keeps between rollouts (reset, not reallocated).
-3. Decode: each step turns the last hidden state into fp32 logits with the policy's own
-   ``lm_head`` weight and bias (the ones training passes to ``linear_token_logprobs``),
-   samples a token (``sampling.sample_next_token``: temperature, top-k, top-p, greedy;
-   from a torch.Generator, or keyed per sequence and position with ``sample_keys``) and
-   records ``log_softmax(logits / T)`` of it from the unfiltered distribution. A row stops
+3. Decode: each step (``decode.decode_step``) feeds every row's last token, turns the
+   last hidden state into fp32 logits with the policy's own ``lm_head`` weight and bias
+   (the ones training passes to ``linear_token_logprobs``), draws a token (the draw of
+   ``sampling.sample_next_token``: temperature, top-k, top-p, greedy; from a
+   torch.Generator, or keyed per sequence and position with ``sample_keys``) and
+   records ``log_softmax(logits / T)`` of it from the unfiltered distribution. With
+   ``GenerationConfig.compile`` on (default on CUDA) the step is one compiled graph at a
+   power-of-two batch bucket, replayed as a CUDA graph on CUDA; the tokens drawn are the
+   same (see ``fastrlhf.rollout.decode``). A row stops
    after its first EOS (the EOS is part of the response: the policy must learn to stop)
    or after R tokens; rows that are done keep being fed a pad token whose outputs are
    discarded. The loop ends when every row is done, checked every
