@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="SFT -> reward model -> PPO, DPO and GRPO on the embedded task")
     d.add_argument("--config", "-c", help="demo YAML file (default: examples/demo.yaml)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    from fastrlhf.estimate.report import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)
     return p
 
 
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.config or default_demo_config(), args.overrides)
             return 0
+        if args.command == "estimate":
+            from fastrlhf.estimate.report import run as run_estimate
+
+            return run_estimate(args)
         cfg = load_config(args.config, args.overrides)
         if cfg.stage != args.command:
             # the file names another stage: running it as this one would be a silent mix-up
