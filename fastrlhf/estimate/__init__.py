@@ -65,9 +65,12 @@ def kv_cache_bytes(hf_cfg, batch: int, tokens: int, dtype_bytes: int, granule: i
     return 2 * hf_cfg.num_hidden_layers * batch * kv_heads * capacity * head_dim * dtype_bytes
 
 
-def estimate(cfg: RunConfig, model: str, value_model: str | None = None) -> dict:
+def estimate(
+    cfg: RunConfig, model: str, value_model: str | None = None, *, flash_attn: bool = False
+) -> dict:
     """The estimate of ``cfg`` with the policy shaped like ``model`` (a preset name or a
     config.json) and the reward model / critic like ``value_model`` (default: ``model``).
+    ``flash_attn``: the GPU has flash-attn installed (bf16 weights then use it).
     Returns the JSON document that ``fastrlhf estimate --json`` prints."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -78,6 +81,9 @@ def estimate(cfg: RunConfig, model: str, value_model: str | None = None) -> dict
     t0 = time.perf_counter()
     name, data = model_config_dict(model)
     vname, vdata = model_config_dict(value_model) if value_model else (name, data)
+    from fastrlhf.estimate.measure import FLASH_ATTN
+
+    FLASH_ATTN["installed"] = flash_attn
     w = workload(cfg)
     rows: list[dict] = []
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -108,6 +114,7 @@ def estimate(cfg: RunConfig, model: str, value_model: str | None = None) -> dict
         ).replace("torch.", "")
         or "float32",
         "autocast_bf16": cfg.train.bf16,
+        "flash_attn": flash_attn,
         "workload": dataclasses.asdict(w),
         "formulas_bytes": facts,
         "phases": rows,

@@ -11,10 +11,11 @@ casts). The same code runs on real CPU tensors for validation (``fake=False``).
 
 Attention: on meta/fake tensors SDPA falls back to the math path and would count
 [B, H, T, T] scores that no GPU kernel stores. ``ESTIMATE_ATTENTION`` is registered with
-transformers for packed (training / scoring) forwards and calls the flash kernel on the
-whole row (memory: the output plus an fp32 log-sum-exp, like flash-attn varlen, no K/V
-expansion for GQA); ``PinnedSDPA`` routes the masked SDPA of padded generation to the
-memory-efficient kernel (what CUDA runs for a boolean mask).
+transformers for packed (training / scoring) forwards and follows the branches our packed
+attention takes on CUDA, calling the flash kernel on the whole row (memory: the output
+plus an fp32 log-sum-exp per sequence, whatever the split); ``PinnedSDPA`` routes the
+masked SDPA of padded generation to the memory-efficient kernel (what CUDA runs for a
+boolean mask).
 
 Legend: B = batch, Hq/Hkv = query/key-value heads, T = tokens, D = head dim.
 """
@@ -103,12 +104,35 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return out[0]
 
 
+# Whether flash-attn is installed on the GPU (the ``flash`` extra): set by ``estimate``.
+FLASH_ATTN = {"installed": False}
+
+
 def estimate_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
 ):
-    """transformers attention function: one packed row, causal flash over all of it
-    (memory-equal to flash-attn varlen over its sequences) -> ([B, T, Hq, D], None)."""
-    return _flash(query, key, value, scaling).transpose(1, 2), None
+    """transformers attention function for packed rows, following the CUDA branches of
+    ``fastrlhf.models.attention.varlen_attention_forward`` -> ([B, T, Hq, D], None):
+
+    - bf16/fp16 queries and flash-attn installed: flash-attn varlen, K/V not expanded;
+    - otherwise ``sdpa_per_sequence``: K/V heads repeated for GQA, SDPA (whose autocast
+      casts float32 inputs to bf16) on the flash kernel, one output per sequence and a
+      ``cat``. With float32 master weights RoPE makes Q and K float32, so this is the
+      path the trainer's default (``model.dtype: auto`` + autocast) takes.
+    """
+    from fastrlhf.models.attention import _expand_kv
+
+    half = (torch.float16, torch.bfloat16)
+    if query.dtype in half and FLASH_ATTN["installed"]:
+        return _flash(query, key, value, scaling).transpose(1, 2), None
+    key, value = _expand_kv(query, key, value)
+    if torch.is_autocast_enabled("cpu"):  # stands for CUDA autocast (see the module doc)
+        dt = torch.get_autocast_dtype("cpu")
+        query, key, value = (t.to(dt) for t in (query, key, value))
+    elif len({query.dtype, key.dtype, value.dtype}) > 1:
+        query, key, value = (t.to(value.dtype) for t in (query, key, value))
+    out = _flash(query, key, value, scaling)
+    return torch.cat([out], dim=2).transpose(1, 2), None
 
 
 def register_estimate_attention() -> str:

@@ -250,7 +250,8 @@ def _logprob_loss(cfg: RunConfig, m: Models, fused: bool):
         h = per_seq(m.policy)
         if m.reference is not None:
             with torch.no_grad():
-                h = h - per_seq(m.reference)
+                ref = per_seq(m.reference)
+            h = h - ref
         return -F.logsigmoid(cfg.dpo.beta * (h[:, 0] - h[:, 1])).mean()
 
     return dpo_loss

@@ -26,6 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "/ model directory; default: model.name_or_path",
     )
     p.add_argument("--value-model", help="reward model / critic shape (default: --model)")
+    p.add_argument(
+        "--flash-attn", action="store_true", help="the GPU has flash-attn (the 'flash' extra)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p
@@ -38,7 +41,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     model = args.model or cfg.model.name_or_path
     try:
-        doc = estimate(cfg, model, args.value_model)
+        doc = estimate(cfg, model, args.value_model, flash_attn=args.flash_attn)
     except ValueError as e:
         from fastrlhf.config import ConfigError
 
