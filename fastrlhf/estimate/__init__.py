@@ -109,10 +109,7 @@ def estimate(
         "stage": cfg.stage,
         "model": name,
         "value_model": vname if (cfg.stage in RL_STAGES or cfg.stage == "rm") else None,
-        "weights_dtype": str(
-            next(iter(m.trained())).lm_head_weight.dtype if m.policy else ""
-        ).replace("torch.", "")
-        or "float32",
+        "weights_dtype": str(next(m.trained()[0].parameters()).dtype).replace("torch.", ""),
         "autocast_bf16": cfg.train.bf16,
         "flash_attn": flash_attn,
         "workload": dataclasses.asdict(w),
