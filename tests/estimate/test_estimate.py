@@ -87,12 +87,24 @@ def test_local_config_json_and_bad_specs(tmp_path):
         model_config_dict(str(tmp_path / "bad.json"))
 
 
-def test_qwen_05b_parameter_count():
-    # the published Qwen2.5-0.5B has 494,032,768 parameters (tied embeddings)
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        # the parameter counts the model cards publish
+        ("Qwen2.5-0.5B", 494_032_768),
+        ("Qwen2.5-1.5B", 1_543_714_304),
+        ("Qwen2.5-7B", 7_615_616_512),
+        ("Llama-3.1-8B", 8_030_261_248),
+    ],
+)
+def test_preset_parameter_counts(name, count):
     cfg = _cfg("sft")
     with FakeTensorMode(allow_non_fake_inputs=True):
-        m = build_models(cfg, hf_config(PRESETS["Qwen2.5-0.5B"]), fake=True)
-        assert formulas(cfg, m)["policy_params"] == 494_032_768
+        m = build_models(cfg, hf_config(PRESETS[name]), fake=True)
+        f = formulas(cfg, m)
+    assert f["policy_params"] == count
+    assert f["policy_param_bytes"] == 4 * count  # float32 master weights
+    assert f["policy_adamw_bytes"] == 8 * count
 
 
 # ------------------------------------------------------------------------ exact bytes
