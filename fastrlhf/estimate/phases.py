@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
+import warnings
 
 import torch
 
@@ -137,7 +138,9 @@ def generate(cfg: RunConfig, m: Models, w: Workload, *, reuse: bool) -> tuple[Me
     lm.set_attn_implementation("sdpa")  # padded batches with a mask, as padded_attention
     policy.eval()
     try:
-        with tracked(*_resident(cfg, m, "generate")) as t, PinnedSDPA():
+        with tracked(*_resident(cfg, m, "generate")) as t, PinnedSDPA(), warnings.catch_warnings():
+            # transformers renames past_key_values; generate() passes the same keyword
+            warnings.filterwarnings("ignore", ".*past_key_values", FutureWarning)
             tokens = torch.zeros((B, P + R), dtype=torch.long)
             cache = kv.acquire(parts.hf_config, B, P + R, dtype=parts.kv_dtype)
             attn = torch.ones((B, kv.capacity), dtype=torch.long)
