@@ -296,7 +296,10 @@ def _train(cfg: RunConfig, m: Models, w: Workload, fused: bool) -> tuple[Measure
     max_norm = cfg.optim.max_grad_norm or float("inf")
     with tracked(*_resident(cfg, m, "step")) as step:
         for module in m.trained():
-            clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+            # foreach=True: what torch picks on CUDA (it falls back to a per-tensor loop for
+            # fake tensors, which would count one kernel per parameter)
+            params = [p for p in module.parameters() if p.requires_grad]
+            clip_grad_norm_(params, max_norm, foreach=True)
         for opt in m.optimizers:
             opt.step()
     for opt in m.optimizers:
