@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     from fastrlhf.feedback.cli import add_parser as add_feedback_parser
 
     add_feedback_parser(sub)  # fastrlhf feedback ... (fastrlhf/feedback/cli.py)
+    from fastrlhf.estimate.report import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)  # fastrlhf estimate ... (fastrlhf/estimate/report.py)
     return p
 
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         return run_reporting_errors(
-            lambda: _run(args), debug=args.debug, user_errors=(ConfigError,)
+            lambda: _run(args), debug=getattr(args, "debug", False), user_errors=(ConfigError,)
         )
     except FloatingPointError as e:
         print(f"fastrlhf: {e}", file=sys.stderr)
@@ -73,6 +76,10 @@ def _run(args: argparse.Namespace) -> int:
     from fastrlhf.checkpoint import claim_run_dir
 
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone removes
+    if args.command == "estimate":
+        from fastrlhf.estimate.report import run as run_estimate
+
+        return run_estimate(args)
     if args.command == "demo":
         from fastrlhf.config import load_demo_config
         from fastrlhf.demo import run_demo
