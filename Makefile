@@ -44,8 +44,10 @@ cuda-check:
 	  done; done; rm -rf $$tmp; \
 	else echo "nvcc not found: CUDA sources not compile-checked"; fi
 
+# --overwrite: the demo owns runs/demo and reruns it from scratch (a fresh run otherwise
+# refuses a non-empty run dir)
 demo: build
-	$(PY) -m fastrlhf demo
+	$(PY) -m fastrlhf demo --overwrite
 
 test: build cuda-check
 	$(PY) -m pytest tests $(PYTEST_ARGS)
