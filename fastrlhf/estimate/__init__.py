@@ -72,18 +72,16 @@ def estimate(
     config.json) and the reward model / critic like ``value_model`` (default: ``model``).
     ``flash_attn``: the GPU has flash-attn installed (bf16 weights then use it).
     Returns the JSON document that ``fastrlhf estimate --json`` prints."""
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastrlhf.estimate import phases
+    from fastrlhf.estimate.measure import FLASH_ATTN
     from fastrlhf.estimate.models import RL_STAGES, build_models, workload
 
     t0 = time.perf_counter()
     name, data = model_config_dict(model)
     vname, vdata = model_config_dict(value_model) if value_model else (name, data)
-    from fastrlhf.estimate.measure import FLASH_ATTN
-
-    FLASH_ATTN["installed"] = flash_attn
+    FLASH_ATTN["installed"] = flash_attn  # read by the attention function while measuring
     w = workload(cfg)
     rows: list[dict] = []
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -104,7 +102,6 @@ def estimate(
             meas, per_step = phases.train(cfg, m, w, fused=fused)
             rows += [_row("train", fused, r, meas, per_step) for r in (True, False)]
     train = {r["fused_ops"]: r["peak_bytes"] for r in rows if r["phase"] == "train"}
-    del torch
     return {
         "stage": cfg.stage,
         "model": name,
