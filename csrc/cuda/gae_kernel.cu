@@ -40,6 +40,10 @@ constexpr int kThreads = 256;
 constexpr int kItems = 8;
 constexpr int kTile = kThreads * kItems;  // tokens per block
 constexpr int kCarryThreads = 1024;
+// The tile kernels declare __launch_bounds__(kThreads, 1): with the default (no minimum
+// of blocks) ptxas capped them at 32-48 registers and spilled 4-20 bytes
+// (`make kernel-check`); allowed more, they take 40-56 with no spill, which still fits
+// four 256-thread blocks per SM, plenty for a memory-bound scan.
 
 // (nv, a) -> (m11*nv + e1, m21*nv + m22*a + e2)
 struct Map {
@@ -95,9 +99,14 @@ __device__ __forceinline__ float load_float<__nv_bfloat16>(const __nv_bfloat16* 
 
 // For thread `threadIdx.x`: the composition of the maps of threads threadIdx.x+1 ..
 // NT-1 (identity for the last one), i.e. everything to its right in the block.
-// `*total` gets the whole block's map. Every thread of the block must call it.
+// `.total` is the whole block's map. Every thread of the block must call it. Both come
+// back by value: an out-pointer to a local put it on the stack (a 4-byte spill).
+struct Suffix {
+  Map exclusive, total;
+};
+
 template <int NT>
-__device__ Map block_exclusive_suffix(const Map& x, Map* total) {
+__device__ __forceinline__ Suffix block_exclusive_suffix(const Map& x) {
   constexpr int kWarps = NT / 32;
   __shared__ Map warp_total[kWarps];
   __shared__ Map warp_right[kWarps];  // composition of all warps to the right
@@ -125,8 +134,7 @@ __device__ Map block_exclusive_suffix(const Map& x, Map* total) {
     block_total = acc;
   }
   __syncthreads();
-  if (total != nullptr) *total = block_total;
-  return compose(exc, warp_right[warp]);
+  return {compose(exc, warp_right[warp]), block_total};
 }
 
 // A tile of tokens staged in shared memory (float32), loaded coalesced: thread i
@@ -145,7 +153,7 @@ struct Tile {
 };
 
 template <typename T>
-__device__ void load_tile(Tile& tile, const T* rewards, const T* values, const bool* mask,
+__device__ __forceinline__ void load_tile(Tile& tile, const T* rewards, const T* values, const bool* mask,
                           int64_t start, int64_t total) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
@@ -205,7 +213,7 @@ struct Params {
 };
 
 // The composed map of this thread's tokens (applied right to left).
-__device__ Map thread_map(const Tile& tile, const Params& p, int64_t tile_start, int count) {
+__device__ __forceinline__ Map thread_map(const Tile& tile, const Params& p, int64_t tile_start, int count) {
   Map agg = identity_map();
   if (count <= 0) return agg;
   const int base = threadIdx.x * kItems;
@@ -229,14 +237,13 @@ __device__ __forceinline__ int thread_count(int64_t tile_start, int64_t total) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     tile_aggregate_kernel(const T* rewards, const T* values, Params p, Map* tile_maps) {
   __shared__ Tile tile;
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTile;
   load_tile(tile, rewards, values, p.mask, tile_start, p.total);
   const Map mine = thread_map(tile, p, tile_start, thread_count(tile_start, p.total));
-  Map total;
-  block_exclusive_suffix<kThreads>(mine, &total);
+  const Map total = block_exclusive_suffix<kThreads>(mine).total;
   if (threadIdx.x == 0) tile_maps[blockIdx.x] = total;
 }
 
@@ -249,7 +256,7 @@ __global__ void __launch_bounds__(kCarryThreads)
   const int64_t hi = lo + per < num_tiles ? lo + per : num_tiles;
   Map run = identity_map();
   for (int64_t j = hi - 1; j >= lo; --j) run = compose(tile_maps[j], run);
-  const Map right = block_exclusive_suffix<kCarryThreads>(run, nullptr);
+  const Map right = block_exclusive_suffix<kCarryThreads>(run).exclusive;
   State s = apply(right, State{0.f, 0.f});
   for (int64_t j = hi - 1; j >= lo; --j) {
     carry[j] = s;
@@ -258,7 +265,7 @@ __global__ void __launch_bounds__(kCarryThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     tile_scan_kernel(const T* rewards, const T* values, Params p, const State* carry,
                      float* advantages, float* returns) {
   __shared__ Tile tile;
@@ -267,7 +274,7 @@ __global__ void __launch_bounds__(kThreads)
   load_tile(tile, rewards, values, p.mask, tile_start, p.total);
   const int count = thread_count(tile_start, p.total);
   const Map mine = thread_map(tile, p, tile_start, count);
-  const Map right = block_exclusive_suffix<kThreads>(mine, nullptr);
+  const Map right = block_exclusive_suffix<kThreads>(mine).exclusive;
   State s = apply(right, carry == nullptr ? State{0.f, 0.f} : carry[blockIdx.x]);
 
   if (count > 0) {

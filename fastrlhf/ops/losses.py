@@ -411,9 +411,12 @@ def _ppo_setup(ctx, inputs, output):
     ctx.has_entropy = entropy is not None
     ctx.entropy_dtype = entropy.dtype if entropy is not None else None
     ctx.mark_non_differentiable(partials)
+    ctx.set_materialize_grads(False)  # no [S, K] zero gradient for the partials
 
 
 def _ppo_backward(ctx, grad_stats, grad_partials):
+    if grad_stats is None:
+        return (None,) * 16
     logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials, stats = ctx.saved_tensors
     seq_len, num_seqs, clip_lo, clip_hi, dual, kl_coef, kl_kind, ent_coef, agg = ctx.args
     d_logp, d_ent = _ppo_bwd_op(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, partials,
@@ -577,9 +580,12 @@ def _value_setup(ctx, inputs, output):
     ctx.save_for_backward(values, old_values, returns, mask, cu_seqlens, partials, stats)
     ctx.args = inputs[5:]
     ctx.mark_non_differentiable(partials)
+    ctx.set_materialize_grads(False)  # no [S, K] zero gradient for the partials
 
 
 def _value_backward(ctx, grad_stats, grad_partials):
+    if grad_stats is None:
+        return (None,) * 9
     values, old_values, returns, mask, cu_seqlens, partials, stats = ctx.saved_tensors
     seq_len, num_seqs, clip, agg = ctx.args
     d_values = _value_bwd_op(values, old_values, returns, mask, cu_seqlens, partials, stats,
