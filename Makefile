@@ -47,7 +47,7 @@ cuda-check:
 # Compile every Triton kernel configuration the launchers can select, and every CUDA
 # kernel (nvcc -Xptxas -v, where nvcc exists), for sm_90 and sm_80 without a GPU; fail on
 # a compile error, a register spill, shared memory no config fits, or a GEMM that misses
-# the tensor cores. Results are cached in build/kernel-check/ (only changes recompile).
+# the tensor cores. Results are cached in ~/.cache/fastrlhf/ (only changes recompile).
 kernel-check: $(INSTALLED)
 	$(PY) -m bench.kernel_check
 

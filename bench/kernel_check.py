@@ -18,7 +18,8 @@ shared memory (the autotuner could select it); a launch none of whose configurat
 fits shared memory; a ``tl.dot`` kernel that does not lower to tensor cores
 (``wgmma`` on sm_90, ``mma.sync`` on sm_80); any spill in a CUDA kernel.
 
-Results are cached in build/kernel-check/cache.json under a hash of the kernel's source
+Results are cached in ~/.cache/fastrlhf/kernel-check.json (or $FASTRLHF_KERNEL_CHECK_CACHE)
+under a hash of the kernel's source
 (with its callees), the bound signature, constexprs, options, target and compiler
 versions, so only what changed recompiles. Identical compiles are done once.
 
@@ -45,7 +46,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "build" / "kernel-check" / "cache.json"
+# Shared by every checkout of this user (keys are content hashes, so that is safe):
+# a fresh worktree only compiles what differs from what any other one compiled.
+CACHE = Path(
+    os.environ.get("FASTRLHF_KERNEL_CHECK_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "fastrlhf"
+    / "kernel-check.json"
+)
 TARGETS = (90, 80)
 # Opt-in dynamic shared memory per block, bytes: H100/H200 (sm_90), A100 (sm_80).
 SMEM_LIMIT = {90: 232448, 80: 166912}
@@ -427,6 +435,18 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(t, widths)), file=out)
 
 
+def _save(cache: dict) -> None:
+    """Merge into the file (another checkout may have written it meanwhile), atomically."""
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    merged = {}
+    with contextlib.suppress(OSError, ValueError):
+        merged = json.loads(CACHE.read_text())
+    merged.update(cache)
+    tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged))
+    os.replace(tmp, CACHE)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -475,8 +495,7 @@ def main(argv=None) -> int:
             results = [_run_one(i) for i in idx]
         for c, r in zip(_WORK, results):
             cache[c.key] = r
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps(cache))
+        _save(cache)
     for c in cases:
         c.result = cache[c.key]
     rows = _rows(cases)
