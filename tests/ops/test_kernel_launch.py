@@ -84,14 +84,13 @@ def test_inplace_backward_is_not_autotuned(monkeypatch):
     logits = _meta(n, v)
     labels, vec = _meta(n, dtype=torch.long), _meta(n, dtype=torch.float32)
     layout = (n, 0, v)
-    klp._chosen[("fwd", v, torch.bfloat16)] = triton.Config({"BLOCK_V": 4096}, num_warps=8)
+    # what a forward on these logits chose (other tests' choices must not leak in)
+    chosen = {("fwd", v, torch.bfloat16): triton.Config({"BLOCK_V": 4096}, num_warps=8)}
+    monkeypatch.setattr(klp, "_chosen", chosen)
     kernels = (klp._token_logprobs_bwd_kernel, klp._bwd_autotuned)
-    try:
-        with _recorded(monkeypatch, *kernels) as calls:
-            klp.token_logprobs_bwd(logits, layout, logits, layout, labels, vec, None, vec, None,
-                                   1.0, -100, v)  # fmt: skip
-    finally:
-        klp._chosen.pop(("fwd", v, torch.bfloat16))
+    with _recorded(monkeypatch, *kernels) as calls:
+        klp.token_logprobs_bwd(logits, layout, logits, layout, labels, vec, None, vec, None,
+                               1.0, -100, v)  # fmt: skip
     (kernel, _, kwargs, _) = calls[0]
     assert kernel is klp._token_logprobs_bwd_kernel  # the plain kernel, no autotuner
     assert kwargs["BLOCK_V"] == 4096 and kwargs["num_warps"] == 8
