@@ -22,7 +22,7 @@ def _recorded(monkeypatch, *kernels):
     """Launches of ``kernels`` as (kernel, args, kwargs, grid), with the interpreter off."""
     calls = []
     monkeypatch.setattr(kll, "interpreting", lambda: False)
-    monkeypatch.setattr(klp, "_interpreting", lambda: False)
+    monkeypatch.setattr(klp, "interpreting", lambda: False)
     for k in kernels:
 
         def run(*args, _k=k, grid=None, warmup=False, **kwargs):
@@ -115,7 +115,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
                klp._bwd_autotuned, klp._token_logprobs_bwd_kernel, kls._kl_fwd_kernel,
                kls._ppo_fwd_kernel]  # fmt: skip
     with _recorded(monkeypatch, *kernels) as calls:
-        monkeypatch.setattr(kls, "_interpreting", lambda: False)
+        monkeypatch.setattr(kls, "interpreting", lambda: False)
         n, v = 16, 512
         h, w, lab, f = _meta(n, 32), _meta(v, 32), _meta(n, dtype=torch.long), _meta(n)
         kll.linear_logprobs_fwd(h, w, lab, None, 1.0, v, False, sm_count=4)
