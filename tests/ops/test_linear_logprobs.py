@@ -326,8 +326,7 @@ def test_backward_accumulates_dhidden_in_place(impl, monkeypatch):
     monkeypatch.setattr(ll, "_TRITON_BLOCK_ELEMS", 256 * 40)
     n, h, v = 40, 24, 1000  # four vocabulary blocks of 256 columns
     hidden, weight, labels, b = _inputs(n, h, v, torch.float32, device=DEV[impl])
-    use_triton = impl == "triton"
-    _, ent, lse = ll._forward(hidden, weight, labels, b, 1.0, -100, v, False, use_triton)
+    _, ent, lse = ll._op(hidden, weight, labels, b, 1.0, -100, v, False, impl)
     g = torch.ones(n, device=hidden.device)
 
     class Storages(TorchDispatchMode):
@@ -346,7 +345,7 @@ def test_backward_accumulates_dhidden_in_place(impl, monkeypatch):
 
     with Storages() as mode:
         dx, _, _ = ll._backward(g, None, hidden, weight, labels, b, lse, ent, 1.0, -100, v,
-                                (True, False, False), use_triton)  # fmt: skip
+                                (True, False, False), impl == "triton")  # fmt: skip
     # one [N, H] float32 storage (dH), updated in place by all four blocks
     assert len(mode.seen) == 1, f"[N, H] float32 tensors made by the backward: {mode.seen}"
     assert len(next(iter(mode.seen.values()))) == 5, mode.seen
