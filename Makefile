@@ -15,7 +15,7 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test test-gpu bench lint format cuda-check clean
+.PHONY: setup build demo test test-gpu bench lint format cuda-check kernel-check clean
 
 $(INSTALLED): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -44,12 +44,19 @@ cuda-check:
 	  done; done; rm -rf $$tmp; \
 	else echo "nvcc not found: CUDA sources not compile-checked"; fi
 
+# Compile every Triton kernel configuration the launchers can select, and every CUDA
+# kernel (nvcc -Xptxas -v, where nvcc exists), for sm_90 and sm_80 without a GPU; fail on
+# a compile error, a register spill, shared memory no config fits, or a GEMM that misses
+# the tensor cores. Results are cached in ~/.cache/fastrlhf/ (only changes recompile).
+kernel-check: $(INSTALLED)
+	$(PY) -m bench.kernel_check
+
 # --overwrite: the demo owns runs/demo and reruns it from scratch (a fresh run otherwise
 # refuses a non-empty run dir)
 demo: build
 	$(PY) -m fastrlhf demo --overwrite
 
-test: build cuda-check
+test: build cuda-check kernel-check
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-gpu: build

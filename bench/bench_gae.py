@@ -17,10 +17,15 @@ Rows go to bench/results/gae.jsonl. GB/s counts the bytes ours must move (read
 rewards, values, mask; write advantages, returns) against the measured copy
 bandwidth of the device.
 
-    .venv/bin/python -m bench.bench_gae
+Rows are appended as each shape finishes; ``--tiny`` runs one small shape (the GPU
+script's dry run).
+
+    .venv/bin/python -m bench.bench_gae [--tiny]
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -96,18 +101,20 @@ def bench_shape(batch: int, length: int, device: str, ceiling_gbs: float) -> lis
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="packed GAE benchmark")
+    ap.add_argument("--tiny", action="store_true", help="one small shape (dry run)")
+    a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     ceiling = copy_bandwidth_gbs(device)
-    rows = []
-    for batch, length in SHAPES:
-        rows += bench_shape(batch, length, device, ceiling)
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-        r["threads"] = torch.get_num_threads()
-    print_rows(rows)
-    print("appended to", append_rows("gae", rows, device))
+    for batch, length in [(4, 256)] if a.tiny else SHAPES:
+        rows = bench_shape(batch, length, device, ceiling)
+        for r in rows:
+            r["copy_bw_gbs"] = ceiling
+            r["threads"] = torch.get_num_threads()
+        print_rows(rows)
+        print("appended to", append_rows("gae", rows, device))
 
 
 if __name__ == "__main__":

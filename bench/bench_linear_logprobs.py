@@ -10,8 +10,13 @@ Providers:
   ours-chunked-torch  impl="torch", vocabulary blocks with torch.mm
   liger-flce          Liger's fused linear cross entropy (sum reduction), when importable
 Passes: "fwd" (no autograd, as for reference-policy log-probs) and "full" (forward and
-backward for hidden and weight). TFLOP/s counts 2*N*H*V for fwd and 8*N*H*V for full
-(forward, recompute, dH, dW), reported against harness.matmul_tflops.
+backward for hidden and weight through torch.autograd.grad: no AccumulateGrad in the
+timed region). Cost formula: 2*N*H*V FLOPs fwd and 8*N*H*V full (forward, recompute,
+dH, dW); bytes (N*H + V*H) elem fwd, 3x that full (read twice, write both gradients).
+Each row: device / host / kernel time (harness.measure), the fraction of the datasheet
+dense bf16 peak and of the measured matmul rate; appended as soon as measured.
+``--tiny``: one small CPU shape (the GPU script's dry run); ``--compiled`` adds
+torch.compile of the unfused path.
 
 On CUDA the issue's reference case runs (bf16, N = 8192, H = 4096, V = 151,936) with
 peak memory from the caching allocator. On CPU: small fp32 timings, then peak resident
@@ -22,6 +27,7 @@ runs the forward only: its forward alone materializes three [N, V] float32 tenso
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -42,16 +48,19 @@ def _liger():
     return lambda h, w, y: -loss(w, h, y)  # sum of log-probs, like the other providers
 
 
-def providers(device: torch.device) -> dict:
-    out = {"unfused-torch": lambda h, w, y: linear_token_logprobs_reference(h, w, y).sum()}
+def providers(device: torch.device, compiled: bool = False) -> dict:
+    """Ours first: a run stopped by its time cap keeps the headline rows."""
+    out = {}
     if device.type == "cuda":
-        out["unfused-compiled"] = torch.compile(out["unfused-torch"])
         out["ours-triton"] = lambda h, w, y: linear_token_logprobs(
             h, w, y, validate=False, impl="triton"
         ).sum()
     out["ours-chunked-torch"] = lambda h, w, y: linear_token_logprobs(
         h, w, y, validate=False, impl="torch"
     ).sum()
+    out["unfused-torch"] = lambda h, w, y: linear_token_logprobs_reference(h, w, y).sum()
+    if device.type == "cuda" and compiled:
+        out["unfused-compiled"] = torch.compile(out["unfused-torch"])
     liger = _liger()
     if liger is not None and device.type == "cuda":
         out["liger-flce"] = liger
@@ -66,12 +75,13 @@ def _inputs(n, h, v, dtype, device):
     return hidden, weight.requires_grad_(), labels
 
 
-def bench_case(n, h, v, dtype, device, peak_flops) -> list[dict]:
+def bench_case(n, h, v, dtype, device, ceil, matmul_peak, compiled=False) -> list[dict]:
     hidden, weight, labels = _inputs(n, h, v, dtype, device)
-    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    elem = hidden.element_size()
+    grad_bytes = (hidden.numel() + weight.numel()) * elem
     shape = f"N={n} H={h} V={v}"
     rows = []
-    for name, fn in providers(device).items():
+    for name, fn in providers(device, compiled).items():
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -80,28 +90,26 @@ def bench_case(n, h, v, dtype, device, peak_flops) -> list[dict]:
         def full(fn=fn):
             return torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight))
 
-        for pass_, run, flops in [("fwd", fwd, 2 * n * h * v), ("full", full, 8 * n * h * v)]:
+        io = (n * h + v * h) * elem
+        for pass_, run, flops, nbytes in [
+            ("fwd", fwd, 2 * n * h * v, io),
+            ("full", full, 8 * n * h * v, 3 * io),
+        ]:
             try:
-                timing = harness.time_fn(run, device, warmup=1, rep=5)
+                m = harness.measure(run, device, warmup=1, rep=5)
                 peak = harness.peak_memory_bytes(run, device)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. unfused OOM
                 print(f"{name} {pass_}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
-            tflops = flops / (timing.median_ms * 1e-3) / 1e12
-            extra = {"tflops": tflops, "fraction_of_matmul_peak": tflops / peak_flops}
+            extra = harness.cost_fields(nbytes, flops, m["median_ms"], ceil)
+            extra["frac_of_measured_matmul"] = extra["tflops"] / matmul_peak
             if peak is not None and pass_ == "full":
                 extra["peak_minus_grads_bytes"] = peak - grad_bytes
-            rows.append(
-                harness.row(
-                    shape=shape,
-                    dtype=str(dtype).replace("torch.", ""),
-                    provider=name,
-                    pass_=pass_,
-                    timing=timing,
-                    peak_bytes=peak,
-                    **extra,
-                )
-            )
+            r = harness.row(shape=shape, dtype=str(dtype).replace("torch.", ""), provider=name,
+                            pass_=pass_, timing=None, peak_bytes=peak, **m, **extra)  # fmt: skip
+            harness.append_rows(OP, [r], device)
+            harness.print_rows([r])
+            rows.append(r)
     return rows
 
 
@@ -149,22 +157,30 @@ def cpu_rss_rows(n=4096, h=256, v=151936) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="linear_token_logprobs benchmark")
+    ap.add_argument("--tiny", action="store_true", help="one small shape (dry run)")
+    ap.add_argument("--compiled", action="store_true", help="add torch.compile providers")
+    a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak_flops = harness.matmul_tflops(device)
-    print(f"matmul ceiling on {device}: {peak_flops:.1f} TFLOP/s")
-    if device.type == "cuda":
+    ceil = harness.Ceilings.of(device)
+    matmul_peak = harness.matmul_tflops(device)
+    print(f"{device}: measured matmul {matmul_peak:.1f} TFLOP/s, peak {ceil.peak_name}")
+    if a.tiny:
+        cases = [(64, 32, 1000, torch.float32)]
+    elif device.type == "cuda":
         cases = [(8192, 4096, 151936, torch.bfloat16), (4096, 2048, 32000, torch.bfloat16)]
     else:
         cases = [(512, 256, 32000, torch.float32)]
-    # RSS first, while this process is small: a child's ru_maxrss starts from the
-    # parent's resident size at fork (Linux keeps the high-water mark across exec).
-    rows = cpu_rss_rows() if device.type == "cpu" else []
+    if device.type == "cpu" and not a.tiny:
+        # RSS first, while this process is small: a child's ru_maxrss starts from the
+        # parent's resident size at fork (Linux keeps the high-water mark across exec).
+        rss = cpu_rss_rows()
+        harness.append_rows(OP, rss, device)
+        harness.print_rows(rss)
     for n, h, v, dtype in cases:
-        rows += bench_case(n, h, v, dtype, device, peak_flops)
-    harness.print_rows(rows)
-    path = harness.append_rows(OP, rows, device)
-    print(f"appended {len(rows)} rows to {path}")
+        bench_case(n, h, v, dtype, device, ceil, matmul_peak, a.compiled)
+    print("appended to", harness.results_dir() / f"{OP}.jsonl")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,16 @@ memory per phase (generate, score, train), and the step's matmul FLOP rate next 
 device's measured dense matmul rate (its ceiling; decode is memory-bound, so the step
 stays far below it). Rows go to bench/results/ppo_step.jsonl.
 
-Run: ``.venv/bin/python -m bench.bench_ppo_step``.
+``--quick`` (the GPU script): the same 0.5B shape at P = 32, R = 256, one timed step
+after the warm-up; ``--tiny``: the CPU shape anywhere (dry run). Each provider's row is
+appended as soon as it is measured.
+
+Run: ``.venv/bin/python -m bench.bench_ppo_step [--quick | --tiny]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import statistics
@@ -42,8 +47,13 @@ import torch
 from bench.harness import Timing, append_rows, matmul_tflops, print_rows, row
 
 
-def _shape(device: torch.device) -> dict:
-    if device.type == "cuda":
+def _shape(device: torch.device, tiny: bool = False, quick: bool = False) -> dict:
+    if quick and not tiny and device.type == "cuda":
+        return dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                    prompts=32, prompt_len=128, new_tokens=256, micro_batch_tokens=8192,
+                    steps=1)  # fmt: skip
+    if device.type == "cuda" and not tiny:
         return dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                     num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                     prompts=64, prompt_len=128, new_tokens=512, micro_batch_tokens=8192,
@@ -136,24 +146,27 @@ def _run(provider: str, shape: dict, device: torch.device) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="one PPO step, fastrlhf vs reference ops")
+    ap.add_argument("--tiny", action="store_true", help="the CPU shape (dry run)")
+    ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (GPU)")
+    a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    shape = _shape(device)
+    shape = _shape(device, a.tiny, a.quick)
     desc = (
         f"P={shape['prompts']} prompt<={shape['prompt_len']} R={shape['new_tokens']} "
         f"H={shape['hidden_size']} L={shape['num_hidden_layers']} V={shape['vocab_size']}"
     )
     ceiling = matmul_tflops(device)
-    rows = []
     for provider in ("fastrlhf", "reference"):
         r = _run(provider, shape, device)
         dtype = "bf16-autocast" if device.type == "cuda" else "float32"
         r["matmul_tflops_ceiling"] = ceiling
-        rows.append(row(shape=desc, dtype=dtype, provider=provider, pass_="ppo_step", **r))
-    print_rows(rows)
-    print("->", append_rows("ppo_step", rows, device))
+        rows = [row(shape=desc, dtype=dtype, provider=provider, pass_="ppo_step", **r)]
+        print_rows(rows)
+        print("->", append_rows("ppo_step", rows, device))
 
 
 if __name__ == "__main__":

@@ -11,20 +11,26 @@ the sum):
   flash_attn     flash_attn.ops.triton.cross_entropy.cross_entropy_loss, when importable
   liger          liger_kernel's cross entropy (reduction="none"), when importable
 
-Shapes: CUDA bf16 [8192, 151936] (the issue's reference shape); CPU float32
-[256, 32000] and [64, 151936]. GB/s counts the bytes the op must move at least: one
-read of the logits forward; two reads and one write of [N, V] for forward + backward;
-it is reported against harness.copy_bandwidth_gbs (the same device's D2D copy rate).
-Peak memory (CUDA) is what the call allocates above the inputs.
+Shapes: CUDA bf16 [8192, 151936] (the issue's reference shape) and [8192, 32000]; CPU
+float32 [256, 32000] and [64, 151936]; ``--tiny`` one small CPU shape (the GPU script's
+dry run). Every row: device time (CUDA events), host issue time, profiled kernel time,
+and the cost formula: forward reads the logits once (N V elem bytes, ~5 N V FLOPs);
+forward + backward reads them twice and writes dlogits once (3 N V elem bytes, ~11 N V
+FLOPs), against the measured copy bandwidth. "full" rows take gradients with
+torch.autograd.grad (no AccumulateGrad into a persistent .grad in the timed region);
+ours_inplace overwrites its own input buffer, which is reused from call to call. Rows
+are appended as they are measured. ``--compiled`` adds torch.compile of the reference.
 
-    .venv/bin/python -m bench.bench_token_logprobs
+    .venv/bin/python -m bench.bench_token_logprobs [--tiny] [--compiled]
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-from bench.harness import peak_memory_bytes, row, run_bandwidth_bench, time_fn
+from bench import harness
 from fastrlhf.ops import token_logprobs
 from fastrlhf.ops.reference import token_logprobs_reference
 
@@ -47,65 +53,68 @@ def _peers():
     return peers
 
 
-def providers(device: str) -> dict:
+def providers(device: str, compiled: bool) -> dict:
+    # ours first: a run stopped by its time cap keeps the headline rows
     out = {
-        "reference": lambda x, y: token_logprobs_reference(x, y),
         "ours": lambda x, y: token_logprobs(x, y, validate=False),
         "ours_inplace": lambda x, y: token_logprobs(x, y, validate=False, inplace_backward=True),
+        "reference": lambda x, y: token_logprobs_reference(x, y),
     }
-    if device == "cuda":
+    if device == "cuda" and compiled:
         out["compiled_ref"] = torch.compile(token_logprobs_reference)
-    out.update(_peers())
+    if device == "cuda":
+        out.update(_peers())
     return out
 
 
-def bench_shape(n: int, v: int, dtype: torch.dtype, device: str, ceiling: float) -> list[dict]:
+def bench_shape(n, v, dtype, device, ceil, compiled) -> list[dict]:
     logits = torch.randn(n, v, device=device, dtype=dtype)  # [N, V]
     labels = torch.randint(0, v, (n,), device=device)  # [N]
     elem = logits.element_size()
     shape, dt = f"{n}x{v}", str(dtype).replace("torch.", "")
     rows = []
-    ref_fwd = None
-    for name, fn in providers(device).items():
+    for name, fn in providers(device, compiled).items():
         for pass_ in ["full"] if name == "ours_inplace" else ["forward", "full"]:
             if pass_ == "forward":
                 run = lambda fn=fn: fn(logits, labels)
-                moved = n * v * elem
+                nbytes, flops = n * v * elem, 5 * n * v
             else:
+                # a leaf whose gradient is returned, never accumulated; the in-place
+                # provider writes its gradient over this same buffer on every call
                 leaf = logits.detach().clone().requires_grad_(True)
-                moved = 3 * n * v * elem
-                if name == "ours_inplace":
-                    # it overwrites its input: give it a fresh non-leaf each call (the
-                    # copy `leaf * 1` is timed too, so this row is pessimistic)
-                    run = lambda fn=fn, leaf=leaf: fn(leaf * 1, labels).sum().backward()
-                else:
-                    run = lambda fn=fn, leaf=leaf: fn(leaf, labels).sum().backward()
+                run = lambda fn=fn, leaf=leaf: torch.autograd.grad(fn(leaf, labels).sum(), leaf)
+                nbytes, flops = 3 * n * v * elem, 11 * n * v
             try:
-                t = time_fn(run, device, warmup=2, rep=5 if device == "cpu" else 20)
+                m = harness.measure(run, device, warmup=2, rep=5 if device == "cpu" else 20)
             except Exception as e:  # noqa: BLE001 - a peer failing must not stop the run
                 print(f"{name} {pass_}: failed ({type(e).__name__}: {e})")
                 continue
-            gbs = moved / (t.median_ms * 1e-3) / 1e9
-            extra = {"gb_per_s": gbs, "frac_of_copy_bw": gbs / ceiling}
-            if name == "reference" and pass_ == "forward":
-                ref_fwd = t.median_ms
-            if pass_ == "forward" and ref_fwd is not None:
-                extra["speedup_vs_reference"] = ref_fwd / t.median_ms
-            rows.append(
-                row(shape=shape, dtype=dt, provider=name, pass_=pass_, timing=t,
-                    peak_bytes=peak_memory_bytes(run, device), **extra)
-            )  # fmt: skip
+            r = harness.row(shape=shape, dtype=dt, provider=name, pass_=pass_, timing=None,
+                            peak_bytes=harness.peak_memory_bytes(run, device), **m,
+                            **harness.cost_fields(nbytes, flops, m["median_ms"], ceil))  # fmt: skip
+            harness.append_rows("token_logprobs", [r], device)
+            harness.print_rows([r])
+            rows.append(r)
     return rows
 
 
-def _cases(device: str) -> list[tuple]:
-    if device == "cuda":
-        return [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
-    return [(256, 32000, torch.float32), (64, 151936, torch.float32)]
-
-
-def main() -> None:
-    run_bandwidth_bench("token_logprobs", _cases, bench_shape)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="token_logprobs benchmark")
+    ap.add_argument("--tiny", action="store_true", help="one small shape (dry run)")
+    ap.add_argument("--compiled", action="store_true", help="add torch.compile providers")
+    a = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ceil = harness.Ceilings.of(device)
+    print(f"device {device}: copy {ceil.copy_gbs:.1f} GB/s, peak {ceil.peak_name}")
+    if a.tiny:
+        shapes = [(16, 4096, torch.float32)]
+    elif device == "cuda":
+        shapes = [(8192, 151936, torch.bfloat16), (8192, 32000, torch.bfloat16)]
+    else:
+        shapes = [(256, 32000, torch.float32), (64, 151936, torch.float32)]
+    for n, v, dtype in shapes:
+        bench_shape(n, v, dtype, device, ceil, a.compiled)
+    print("appended to", harness.results_dir() / "token_logprobs.jsonl")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,15 @@ never rewritten, so history accumulates; each carries the device, versions, git 
 and date.
 
 A number without a ceiling says little: ``copy_bandwidth_gbs`` and ``matmul_tflops``
-measure the same device's ceilings so rows can report a fraction of them.
+measure the same device's ceilings, ``datasheet_bf16_tflops`` names the vendor's dense
+bf16 peak, and ``cost_fields`` turns an op's cost formula (bytes it must move, FLOPs
+it must do) into GB/s, TFLOP/s and the fractions of those named peaks.
+
+``measure`` reports three times per call: the device time (CUDA events around each
+call, L2 flushed: triton.testing.do_bench), the host time to issue one call (no sync:
+what the Python wrappers and launches cost the CPU) and, from the profiler, the summed
+time and count of the kernels one call launches. A host time above the kernel time
+means the op is launch-bound at that size.
 """
 
 from __future__ import annotations
@@ -69,6 +77,113 @@ def time_fn(
         samples.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return Timing(statistics.median(samples), q[1], q[7])
+
+
+def host_ms_per_call(
+    fn: Callable[[], object], device: torch.device | str, calls: int = 10
+) -> float:
+    """Wall time for the host to issue one call, without waiting for the device."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / calls
+    _sync(device)
+    return host
+
+
+def kernel_time(fn: Callable[[], object], device: torch.device | str, calls: int = 5):
+    """(summed kernel milliseconds, kernel launches) per call, from torch.profiler; on CPU,
+    or when the profiler has no CUDA activity, (None, None)."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return None, None
+    total_us = sum(e.device_time_total for e in kernels)
+    return total_us / 1e3 / calls, len(kernels) / calls
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    warmup: int = 3,
+    rep: int = 20,
+) -> dict:
+    """Device time (median/p20/p80 ms), host issue time and profiled kernel time per call."""
+    t = time_fn(fn, device, warmup=warmup, rep=rep)
+    kernel_ms, launches = kernel_time(fn, device)
+    return {
+        **asdict(t),
+        "host_ms": host_ms_per_call(fn, device),
+        "kernel_ms": kernel_ms,
+        "kernels_per_call": launches,
+    }
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, by a
+# substring of torch.cuda.get_device_name(); the first match wins.
+_DATASHEET_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM
+    ("A100", 312.0),
+    ("L40S", 362.05),
+    ("A10G", 70.0),
+]
+
+
+def datasheet_bf16_tflops(device: torch.device | str) -> tuple[str, float | None]:
+    """(name of the peak, TFLOP/s) for this device, or (name, None) when unknown."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu (no datasheet peak)", None
+    name = torch.cuda.get_device_name(dev)
+    for key, tflops in _DATASHEET_BF16_TFLOPS:
+        if key in name:
+            return f"{key} dense bf16 datasheet", tflops
+    return f"{name} (no datasheet entry)", None
+
+
+@dataclass
+class Ceilings:
+    """The named peaks a row is compared with."""
+
+    copy_gbs: float  # measured device-to-device copy, read + write bytes per second
+    peak_name: str
+    peak_tflops: float | None  # datasheet dense bf16
+
+    @classmethod
+    def of(cls, device: torch.device | str) -> Ceilings:
+        name, tflops = datasheet_bf16_tflops(device)
+        return cls(copy_bandwidth_gbs(device), name, tflops)
+
+
+def cost_fields(nbytes: float, flops: float, median_ms: float, ceil: Ceilings) -> dict:
+    """An op's cost formula (bytes it must move, FLOPs it must do) at a measured time."""
+    sec = median_ms * 1e-3
+    gbs = nbytes / sec / 1e9
+    tflops = flops / sec / 1e12
+    return {
+        "bytes": int(nbytes),
+        "flops": int(flops),
+        "gb_per_s": gbs,
+        "frac_of_copy_bw": gbs / ceil.copy_gbs,
+        "copy_bw_gbs": ceil.copy_gbs,
+        "tflops": tflops,
+        "frac_of_peak_flops": tflops / ceil.peak_tflops if ceil.peak_tflops else None,
+        "peak": ceil.peak_name,
+    }
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
@@ -166,10 +281,19 @@ def environment(device: torch.device | str) -> dict:
     }
 
 
+def results_dir() -> Path:
+    """bench/results, or $FASTRLHF_BENCH_RESULTS (the GPU script's dry run writes apart)."""
+    return Path(os.environ.get("FASTRLHF_BENCH_RESULTS", RESULTS_DIR))
+
+
 def append_rows(op: str, rows: list[dict], device: torch.device | str) -> Path:
-    """Append result rows (each merged with the environment) to bench/results/<op>.jsonl."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{op}.jsonl"
+    """Append result rows (each merged with the environment) to bench/results/<op>.jsonl.
+
+    Call it once per measured row (or small group) so a run that is stopped keeps what
+    it measured."""
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{op}.jsonl"
     env = environment(device)
     with path.open("a") as f:
         for row in rows:
@@ -196,11 +320,17 @@ def row(
     return out
 
 
+_SHOWN = ["host_ms", "kernel_ms", "kernels_per_call", "gb_per_s", "frac_of_copy_bw", "tflops",
+          "frac_of_peak_flops", "peak_bytes"]  # fmt: skip
+
+
 def print_rows(rows: list[dict]) -> None:
     """A compact table on stdout for a person reading the run."""
-    keys = ["shape", "dtype", "provider", "pass", "median_ms", "p20_ms", "p80_ms"]
-    extra = sorted({k for r in rows for k in r} - set(keys) - {"op"})
-    cols = keys + [k for k in extra if not isinstance(rows[0].get(k), dict)]
+    if not rows:
+        return
+    keys = ["shape", "dtype", "provider", "pass", "median_ms"]
+    present = {k for r in rows for k in r}
+    cols = keys + [k for k in _SHOWN if k in present]
     print(" | ".join(cols))
     for r in rows:
         cells = []
@@ -208,19 +338,3 @@ def print_rows(rows: list[dict]) -> None:
             v = r.get(k)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         print(" | ".join(cells))
-
-
-def run_bandwidth_bench(
-    op: str, cases: Callable[[str], list[tuple]], bench_case: Callable[..., list[dict]]
-) -> None:
-    """The main() of a memory-bound op's benchmark: measure the copy bandwidth (the
-    ceiling), run ``bench_case(*case, device, ceiling)`` for each of ``cases(device)``,
-    print the rows and append them to bench/results/<op>.jsonl."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ceiling = copy_bandwidth_gbs(device)
-    print(f"device {device}: measured copy bandwidth {ceiling:.1f} GB/s")
-    rows = [r for case in cases(device) for r in bench_case(*case, device, ceiling)]
-    for r in rows:
-        r["copy_bw_gbs"] = ceiling
-    print_rows(rows)
-    print("appended to", append_rows(op, rows, device))

@@ -34,13 +34,16 @@ import triton
 import triton.language as tl
 
 from fastrlhf.kernels import interpreting
+from fastrlhf.kernels._launch import device_of
 
 # Autotuned on GPU; under the interpreter the launchers bypass the autotuner (more than
 # one config crashes there) and pick one large block, since every program instance and
 # every loop iteration costs milliseconds of numpy work.
+# Every config compiles without register spills for sm_90 and sm_80 (`make
+# kernel-check`); BLOCK_V = 16384 on 16 warps spilled in the entropy forward.
 _CONFIGS = [
     triton.Config({"BLOCK_V": bv}, num_warps=w)
-    for bv, w in [(2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]
+    for bv, w in [(2048, 4), (4096, 8), (8192, 8), (8192, 16)]
 ]
 _INTERPRETER_MAX_BLOCK = 1 << 15
 
@@ -175,11 +178,18 @@ def _token_logprobs_bwd_kernel(
 
 _BWD_KEY = ["V_total", "HAS_ENTROPY_GRAD"]
 _bwd_autotuned = triton.autotune(configs=_CONFIGS, key=_BWD_KEY)(_token_logprobs_bwd_kernel)
-# In place, every benchmarked config would overwrite the logits the next one reads:
-# the autotuner restores the buffer after each trial (one extra copy, first call only).
-_bwd_autotuned_inplace = triton.autotune(
-    configs=_CONFIGS, key=_BWD_KEY, restore_value=["dlogits_ptr"]
-)(_token_logprobs_bwd_kernel)
+# The in-place backward is not autotuned: every trial would overwrite the logits the next
+# one reads, and restoring them clones [N, V] per trial (GBs, the memory in place saves).
+# It takes the config the out-of-place backward or the forward chose for the same
+# vocabulary and dtype (the forward always runs first), else a fixed one.
+_chosen: dict[tuple, triton.Config] = {}
+_INPLACE_DEFAULT = triton.Config({"BLOCK_V": 8192}, num_warps=8)
+
+
+def _inplace_config(v_total: int, has_h: bool, dtype: torch.dtype) -> triton.Config:
+    return _chosen.get(("bwd", v_total, has_h, dtype)) or _chosen.get(
+        ("fwd", v_total, dtype), _INPLACE_DEFAULT
+    )
 
 
 def _block(v: int) -> int:
@@ -209,12 +219,16 @@ def token_logprobs_fwd(
     t_inner, s_outer, s_inner = layout
     args = (logits, labels, logp, lse, entropy, t_inner, s_outer, s_inner, vocab_size, v_total)
     args += (inv_temp, ignore_index)
-    if interpreting():
-        _token_logprobs_fwd_kernel.fn[(n,)](
-            *args, HAS_ENTROPY=return_entropy, BLOCK_V=_block(vocab_size)
-        )
-    else:
-        _token_logprobs_fwd_kernel[(n,)](*args, HAS_ENTROPY=return_entropy)
+    with device_of(logits):
+        if interpreting():
+            _token_logprobs_fwd_kernel.fn[(n,)](
+                *args, HAS_ENTROPY=return_entropy, BLOCK_V=_block(vocab_size)
+            )
+        else:
+            _token_logprobs_fwd_kernel[(n,)](*args, HAS_ENTROPY=return_entropy)
+            best = getattr(_token_logprobs_fwd_kernel, "best_config", None)
+            if best is not None:
+                _chosen[("fwd", v_total, logits.dtype)] = best
     return logp, lse, entropy
 
 
@@ -242,13 +256,19 @@ def token_logprobs_bwd(
     args = (logits, dlogits, labels, lse, entropy if has_h else lse, grad_logp)
     args += (grad_entropy if has_h else grad_logp, t_inner, s_outer, s_inner)
     args += (d_layout[1], d_layout[2], vocab_size, v_total, inv_temp, ignore_index)
-    if interpreting():
-        rnd = needs_bf16_rounding(dlogits)
-        _token_logprobs_bwd_kernel[(n,)](
-            *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=rnd, BLOCK_V=_block(v_total)
-        )
-    else:
-        tuned = (
-            _bwd_autotuned_inplace if dlogits.data_ptr() == logits.data_ptr() else _bwd_autotuned
-        )
-        tuned[(n,)](*args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=False)
+    with device_of(logits):
+        if interpreting():
+            rnd = needs_bf16_rounding(dlogits)
+            _token_logprobs_bwd_kernel[(n,)](
+                *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=rnd, BLOCK_V=_block(v_total)
+            )
+        elif dlogits is logits or (dlogits.data_ptr() == logits.data_ptr() and not logits.is_meta):
+            cfg = _inplace_config(v_total, has_h, logits.dtype)
+            _token_logprobs_bwd_kernel[(n,)](
+                *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=False, **cfg.all_kwargs()
+            )
+        else:
+            _bwd_autotuned[(n,)](*args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=False)
+            best = getattr(_bwd_autotuned, "best_config", None)
+            if best is not None:
+                _chosen[("bwd", v_total, has_h, logits.dtype)] = best

@@ -9,12 +9,13 @@ kl_penalty: one elementwise kernel each way (grid over N).
 ppo_policy_loss / value_loss: ONE launch forward and ONE launch backward.
 - Forward: one program per sequence walks its tokens, computes the per-token loss and
   the metric terms, and writes K partial sums (masked loss sum, token count, the
-  sequence's mean and sum, metric sums, a max) to ``partials[s, :]``. The program then
-  takes a ticket from an int32 counter (atomic add); the program that takes the last
-  ticket reduces ``partials`` in a fixed order and writes the final loss and metrics to
-  ``stats[K]``. This two-level reduction is deterministic (no float atomics) and needs no
-  host sync; its only other launch is the zero-fill of the 4-byte counter. The partials
-  stay alive for the backward (per-sequence token counts).
+  sequence's mean and sum, metric sums, a max) to ``partials[s, :]``. Then a two-level
+  ticket reduction (int32 atomic counters): the last program of each group of ~sqrt(S)
+  sequences reduces its group's rows, and the last group to finish reduces the group
+  rows and writes the final loss and metrics to ``stats[K]``. Deterministic (fixed
+  order, no float atomics), no host sync, and its serial tail is two short loads, not
+  one program walking all S rows; its only other launch is the zero-fill of the
+  tickets. The partials stay alive for the backward (per-sequence token counts).
 - Backward: one program per sequence recomputes the per-token terms from the inputs
   (cheaper than storing them) and writes dloss/dlogp = g * w_s * m_t * dl_t with the
   aggregation weight w_s read from ``stats`` / ``partials``.
@@ -34,11 +35,14 @@ Statistics layout (partials[s, j] and, after the reduction, stats[j]):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from fastrlhf.kernels import interpreting
+from fastrlhf.kernels._launch import device_of
 from fastrlhf.kernels.logprobs import needs_bf16_rounding, round_to_bf16
 
 K = 16  # statistics slots (the layout is above)
@@ -150,40 +154,65 @@ def _col(vec, cols, j: tl.constexpr):
 
 
 @triton.jit
-def _finish(partials_ptr, stats_ptr, counter_ptr, P, AGG: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The program that takes the last ticket reduces partials [P, K] into stats [K]."""
-    # Every thread's partial stores happen before the (release) ticket; the reader
-    # acquires it and bypasses L1 (.cg) so it sees the other SMs' stores.
+def _reduce_rows(ptr, lo, hi, cols, BLOCK_P: tl.constexpr):
+    """(column sums, column maxes) of rows [lo, hi) of a [*, 16] float32 table."""
+    acc_sum = tl.zeros([16], tl.float32)
+    acc_max = tl.full([16], float("-inf"), tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = rows[:, None] < hi
+        ptrs = ptr + rows[:, None].to(tl.int64) * 16 + cols[None, :]
+        # .cg: bypass L1, so the other SMs' stores (ordered by their tickets) are seen
+        blk = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")  # [BLOCK_P, 16]
+        acc_sum += tl.sum(blk, axis=0)
+        acc_max = tl.maximum(acc_max, tl.max(tl.where(ok, blk, float("-inf")), axis=0))
+    return acc_sum, acc_max
+
+
+@triton.jit
+def _finish(
+    partials_ptr, group_ptr, stats_ptr, counter_ptr, P, AGG: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Two-level reduction of partials [P, K] into stats [K], in a fixed order.
+
+    Programs form groups of BLOCK_P consecutive sequences; the last of a group to take a
+    ticket (counter[1 + group]) reduces the group's rows into group row ``group`` (column
+    8 a max, the others sums), and the last group to finish (counter[0]) reduces the
+    group rows. Each reduction is one [BLOCK_P, K] load when P <= BLOCK_P^2 (the host
+    picks BLOCK_P ~ sqrt(P)): two short steps instead of one program walking all P rows.
+    """
+    # Every thread's stores happen before the (release) ticket; the reader acquires it.
     tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1)
-    if ticket == P - 1:
+    group = tl.program_id(0) // BLOCK_P
+    lo = group * BLOCK_P
+    hi = tl.minimum(lo + BLOCK_P, P)
+    ticket = tl.atomic_add(counter_ptr + 1 + group, 1)
+    if ticket == hi - lo - 1:
         cols = tl.arange(0, 16)
-        acc_sum = tl.zeros([16], tl.float32)
-        acc_max = tl.full([16], float("-inf"), tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            rows = p0 + tl.arange(0, BLOCK_P)
-            ok = rows[:, None] < P
-            ptrs = partials_ptr + rows[:, None].to(tl.int64) * 16 + cols[None, :]
-            blk = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")  # [BLOCK_P, K]
-            acc_sum += tl.sum(blk, axis=0)
-            acc_max = tl.maximum(acc_max, tl.max(tl.where(ok, blk, float("-inf")), axis=0))
-        count = _col(acc_sum, cols, 1)
-        nonempty = _col(acc_sum, cols, 4)
-        if AGG == 0:
-            num = _col(acc_sum, cols, 0)
-            den = count
-        elif AGG == 1:
-            num = _col(acc_sum, cols, 2)
-            den = nonempty
-        else:
-            num = _col(acc_sum, cols, 3)
-            den = nonempty
-        loss = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-        out = acc_sum / tl.where(count > 0, count, 1.0)
-        out = tl.where(cols == 8, tl.where(count > 0, acc_max, 0.0), out)
-        out = tl.where(cols < 5, acc_sum, out)
-        out = tl.where(cols == 0, loss, out)
-        tl.store(stats_ptr + cols, out)
+        g_sum, g_max = _reduce_rows(partials_ptr, lo, hi, cols, BLOCK_P)
+        tl.store(group_ptr + group * 16 + cols, tl.where(cols == 8, g_max, g_sum))
+        tl.debug_barrier()
+        num_groups = tl.cdiv(P, BLOCK_P)
+        if tl.atomic_add(counter_ptr, 1) == num_groups - 1:
+            acc_sum, acc_max = _reduce_rows(group_ptr, 0, num_groups, cols, BLOCK_P)
+            count = _col(acc_sum, cols, 1)
+            nonempty = _col(acc_sum, cols, 4)
+            if AGG == 0:
+                num = _col(acc_sum, cols, 0)
+                den = count
+            elif AGG == 1:
+                num = _col(acc_sum, cols, 2)
+                den = nonempty
+            else:
+                num = _col(acc_sum, cols, 3)
+                den = nonempty
+            loss = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+            out = acc_sum / tl.where(count > 0, count, 1.0)
+            out = tl.where(cols == 8, tl.where(count > 0, acc_max, 0.0), out)
+            out = tl.where(cols < 5, acc_sum, out)
+            out = tl.where(cols == 0, loss, out)
+            tl.store(stats_ptr + cols, out)
 
 
 @triton.jit
@@ -243,7 +272,8 @@ def kl_penalty_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: int, st: bool) -
     n = logp.numel()
     if n:
         block = _elementwise_block(n)
-        _kl_fwd_kernel[(triton.cdiv(n, block),)](logp, ref, out, n, kind, st, block)
+        with device_of(logp):
+            _kl_fwd_kernel[(triton.cdiv(n, block),)](logp, ref, out, n, kind, st, block)
     return out
 
 
@@ -254,9 +284,10 @@ def kl_penalty_bwd(logp, ref, grad, kind: int, st: bool) -> tuple[torch.Tensor, 
     if n:
         block = _elementwise_block(n)
         rnd = needs_bf16_rounding(logp)
-        _kl_bwd_kernel[(triton.cdiv(n, block),)](
-            logp, ref, grad, d_logp, d_ref, n, kind, st, rnd, block
-        )
+        with device_of(logp):
+            _kl_bwd_kernel[(triton.cdiv(n, block),)](
+                logp, ref, grad, d_logp, d_ref, n, kind, st, rnd, block
+            )
     return d_logp, d_ref
 
 
@@ -289,7 +320,7 @@ def _ppo_token(x, o, a, clip_lo, clip_hi, dual_c, DUAL: tl.constexpr):
 @triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr,
-    partials_ptr, stats_ptr, counter_ptr,
+    partials_ptr, group_ptr, stats_ptr, counter_ptr,
     T, N, P, clip_lo, clip_hi, dual_c, kl_coef, ent_coef,
     HAS_CU: tl.constexpr, DUAL: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
     KL_ST: tl.constexpr, HAS_ENT: tl.constexpr, AGG: tl.constexpr,
@@ -334,7 +365,7 @@ def _ppo_fwd_kernel(
         tl.sum(acc_ratio, 0), tl.max(acc_rmax, 0), tl.sum(acc_kl, 0), tl.sum(acc_ent, 0),
         tl.sum(acc_dual, 0), tl.sum(acc_pg, 0),
     )  # fmt: skip
-    _finish(partials_ptr, stats_ptr, counter_ptr, P, AGG, BLOCK_P)
+    _finish(partials_ptr, group_ptr, stats_ptr, counter_ptr, P, AGG, BLOCK_P)
 
 
 @triton.jit
@@ -390,7 +421,8 @@ def _value_token(v, ov, ret, clip, HAS_CLIP: tl.constexpr):
 
 @triton.jit
 def _value_fwd_kernel(
-    v_ptr, ov_ptr, ret_ptr, mask_ptr, cu_ptr, partials_ptr, stats_ptr, counter_ptr, T, N, P, clip,
+    v_ptr, ov_ptr, ret_ptr, mask_ptr, cu_ptr, partials_ptr, group_ptr, stats_ptr, counter_ptr,
+    T, N, P, clip,
     HAS_CU: tl.constexpr, HAS_CLIP: tl.constexpr, AGG: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -416,7 +448,7 @@ def _value_fwd_kernel(
         pp, tl.sum(acc_l, 0), tl.sum(acc_m, 0), 0.0, tl.sum(acc_clip, 0), tl.sum(acc_v, 0),
         tl.sum(acc_mse, 0), tl.max(acc_vmax, 0), 0.0, 0.0, 0.0, 0.0,
     )  # fmt: skip
-    _finish(partials_ptr, stats_ptr, counter_ptr, P, AGG, BLOCK_P)
+    _finish(partials_ptr, group_ptr, stats_ptr, counter_ptr, P, AGG, BLOCK_P)
 
 
 @triton.jit
@@ -440,35 +472,43 @@ def _value_bwd_kernel(
 
 
 def _blocks(n: int, s: int) -> tuple[int, int, int]:
-    """(BLOCK over tokens, BLOCK_P over sequences, num_warps)."""
+    """(BLOCK over tokens, BLOCK_P sequences per reduction group, num_warps)."""
     if interpreting():
         per_seq = max(1, n // max(s, 1))
         return min(triton.next_power_of_2(per_seq), 4096), 1024, 1
-    return 1024, 64, 4
+    # ~sqrt(S) groups of ~sqrt(S) rows: both reduction levels are one load up to 65536
+    group = min(256, max(16, triton.next_power_of_2(math.isqrt(max(s - 1, 0)) + 1)))
+    return 1024, group, 4
 
 
-def _new_stats(device: torch.device, s: int):
+def _new_stats(device: torch.device, s: int, block_p: int):
+    """stats [K], partials [S, K] (kept for the backward), and one zeroed scratch buffer:
+    the group rows [G, K] and the G + 1 int32 tickets (one allocation, one fill)."""
+    groups = triton.cdiv(s, block_p)
     stats = torch.empty(K, dtype=torch.float32, device=device)
     partials = torch.empty((s, K), dtype=torch.float32, device=device)
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
-    return stats, partials, counter
+    scratch = torch.zeros(groups * K + groups + 1, dtype=torch.float32, device=device)
+    return stats, partials, scratch[: groups * K], scratch[groups * K :].view(torch.int32)
 
 
 def ppo_fwd(logp, old, adv, mask, ref, ent, cu, t, s, clip_lo, clip_hi, dual, kl_coef, kl_kind,
             kl_st, ent_coef, agg):  # fmt: skip
     """Returns (stats [K], partials [S, K]); see the module docstring for the layout."""
-    stats, partials, counter = _new_stats(logp.device, s)
+    block, block_p, warps = _blocks(logp.numel(), s)
+    stats, partials, group, counter = _new_stats(logp.device, s, block_p)
     if s == 0:
         return stats.zero_(), partials
-    block, block_p, warps = _blocks(logp.numel(), s)
-    _ppo_fwd_kernel[(s,)](
-        logp, old, adv, mask, ref if ref is not None else logp, ent if ent is not None else logp,
-        cu if cu is not None else counter, partials, stats, counter,
-        t, logp.numel(), s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef, ent_coef,
-        HAS_CU=cu is not None, DUAL=dual is not None, HAS_KL=ref is not None,
-        KL_KIND=kl_kind, KL_ST=kl_st, HAS_ENT=ent is not None, AGG=agg,
-        BLOCK=block, BLOCK_P=block_p, num_warps=warps,
-    )  # fmt: skip
+    with device_of(logp):
+        _ppo_fwd_kernel[(s,)](
+            logp, old, adv, mask, ref if ref is not None else logp,
+            ent if ent is not None else logp, cu if cu is not None else counter, partials, group,
+            stats, counter,
+            t, logp.numel(), s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef,
+            ent_coef,
+            HAS_CU=cu is not None, DUAL=dual is not None, HAS_KL=ref is not None,
+            KL_KIND=kl_kind, KL_ST=kl_st, HAS_ENT=ent is not None, AGG=agg,
+            BLOCK=block, BLOCK_P=block_p, num_warps=warps,
+        )  # fmt: skip
     return stats, partials
 
 
@@ -482,29 +522,31 @@ def ppo_bwd(logp, old, adv, mask, ref, cu, partials, stats, grad, t, s, clip_lo,
     if s == 0:
         return dlogp, dent
     block, _, warps = _blocks(logp.numel(), s)
-    _ppo_bwd_kernel[(s,)](
-        logp, old, adv, mask, ref if ref is not None else logp, cu if cu is not None else stats,
-        partials, stats, grad, dlogp, dent if dent is not None else dlogp,
-        t, logp.numel(), s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef,
-        ent_coef,
-        HAS_CU=cu is not None, DUAL=dual is not None, HAS_KL=ref is not None,
-        KL_KIND=kl_kind, KL_ST=kl_st, HAS_ENT=want_dent, AGG=agg,
-        ROUND_BF16=needs_bf16_rounding(logp), BLOCK=block, num_warps=warps,
-    )  # fmt: skip
+    with device_of(logp):
+        _ppo_bwd_kernel[(s,)](
+            logp, old, adv, mask, ref if ref is not None else logp, cu if cu is not None else stats,
+            partials, stats, grad, dlogp, dent if dent is not None else dlogp,
+            t, logp.numel(), s, clip_lo, clip_hi, dual if dual is not None else 0.0, kl_coef,
+            ent_coef,
+            HAS_CU=cu is not None, DUAL=dual is not None, HAS_KL=ref is not None,
+            KL_KIND=kl_kind, KL_ST=kl_st, HAS_ENT=want_dent, AGG=agg,
+            ROUND_BF16=needs_bf16_rounding(logp), BLOCK=block, num_warps=warps,
+        )  # fmt: skip
     return dlogp, dent
 
 
 def value_fwd(values, old, returns, mask, cu, t, s, clip, agg):
-    stats, partials, counter = _new_stats(values.device, s)
+    block, block_p, warps = _blocks(values.numel(), s)
+    stats, partials, group, counter = _new_stats(values.device, s, block_p)
     if s == 0:
         return stats.zero_(), partials
-    block, block_p, warps = _blocks(values.numel(), s)
-    _value_fwd_kernel[(s,)](
-        values, old, returns, mask, cu if cu is not None else counter, partials, stats, counter,
-        t, values.numel(), s, clip if clip is not None else 0.0,
-        HAS_CU=cu is not None, HAS_CLIP=clip is not None, AGG=agg, BLOCK=block, BLOCK_P=block_p,
-        num_warps=warps,
-    )  # fmt: skip
+    with device_of(values):
+        _value_fwd_kernel[(s,)](
+            values, old, returns, mask, cu if cu is not None else counter, partials, group, stats,
+            counter, t, values.numel(), s, clip if clip is not None else 0.0,
+            HAS_CU=cu is not None, HAS_CLIP=clip is not None, AGG=agg, BLOCK=block, BLOCK_P=block_p,
+            num_warps=warps,
+        )  # fmt: skip
     return stats, partials
 
 
@@ -514,10 +556,11 @@ def value_bwd(values, old, returns, mask, cu, partials, stats, grad, t, s, clip,
     if s == 0:
         return dv
     block, _, warps = _blocks(values.numel(), s)
-    _value_bwd_kernel[(s,)](
-        values, old, returns, mask, cu if cu is not None else stats, partials, stats, grad, dv,
-        t, values.numel(), s, clip if clip is not None else 0.0,
-        HAS_CU=cu is not None, HAS_CLIP=clip is not None, AGG=agg,
-        ROUND_BF16=needs_bf16_rounding(values), BLOCK=block, num_warps=warps,
-    )  # fmt: skip
+    with device_of(values):
+        _value_bwd_kernel[(s,)](
+            values, old, returns, mask, cu if cu is not None else stats, partials, stats, grad, dv,
+            t, values.numel(), s, clip if clip is not None else 0.0,
+            HAS_CU=cu is not None, HAS_CLIP=clip is not None, AGG=agg,
+            ROUND_BF16=needs_bf16_rounding(values), BLOCK=block, num_warps=warps,
+        )  # fmt: skip
     return dv

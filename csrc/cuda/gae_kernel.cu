@@ -14,12 +14,15 @@
 // sequence's last token holds a constant map, the scan needs no segment flags: a
 // sequence boundary simply forgets everything to its right.
 //
-// Three launches (reduce, then scan): for tiles of 2048 tokens,
+// Reduce, then scan: for tiles of 2048 tokens,
 //   1. tile_aggregate: the composed map of each tile;
 //   2. tile_carry:     one block scans the tile maps -> the state entering each tile;
 //   3. tile_scan:      each tile scans its threads' maps, then every thread runs the
 //                      plain recurrence over its 8 tokens from its entering state.
-// A single tile skips 1 and 2. The grid is 1-D over tiles (at most 2^20 tiles for
+// A single tile skips 1 and 2. Up to kFusedCarryTiles tiles (2M tokens) step 2 is
+// folded into step 3: each tile composes the (L2-resident, 20-byte) maps of the tiles
+// to its right itself, one launch fewer for O(tiles^2 / 2) small reads; past that the
+// quadratic term would outgrow the inputs and the carry launch returns. The grid is 1-D over tiles (at most 2^20 tiles for
 // 2^31 tokens), so no grid dimension limit is near.
 //
 // Includes only CUDA headers (no torch), so `nvcc -c` alone compiles it.
@@ -40,6 +43,10 @@ constexpr int kThreads = 256;
 constexpr int kItems = 8;
 constexpr int kTile = kThreads * kItems;  // tokens per block
 constexpr int kCarryThreads = 1024;
+// The tile kernels declare __launch_bounds__(kThreads, 1): with the default (no minimum
+// of blocks) ptxas capped them at 32-48 registers and spilled 4-20 bytes
+// (`make kernel-check`); allowed more, they take 40-56 with no spill, which still fits
+// four 256-thread blocks per SM, plenty for a memory-bound scan.
 
 // (nv, a) -> (m11*nv + e1, m21*nv + m22*a + e2)
 struct Map {
@@ -95,9 +102,14 @@ __device__ __forceinline__ float load_float<__nv_bfloat16>(const __nv_bfloat16* 
 
 // For thread `threadIdx.x`: the composition of the maps of threads threadIdx.x+1 ..
 // NT-1 (identity for the last one), i.e. everything to its right in the block.
-// `*total` gets the whole block's map. Every thread of the block must call it.
+// `.total` is the whole block's map. Every thread of the block must call it. Both come
+// back by value: an out-pointer to a local put it on the stack (a 4-byte spill).
+struct Suffix {
+  Map exclusive, total;
+};
+
 template <int NT>
-__device__ Map block_exclusive_suffix(const Map& x, Map* total) {
+__device__ __forceinline__ Suffix block_exclusive_suffix(const Map& x) {
   constexpr int kWarps = NT / 32;
   __shared__ Map warp_total[kWarps];
   __shared__ Map warp_right[kWarps];  // composition of all warps to the right
@@ -125,8 +137,7 @@ __device__ Map block_exclusive_suffix(const Map& x, Map* total) {
     block_total = acc;
   }
   __syncthreads();
-  if (total != nullptr) *total = block_total;
-  return compose(exc, warp_right[warp]);
+  return {compose(exc, warp_right[warp]), block_total};
 }
 
 // A tile of tokens staged in shared memory (float32), loaded coalesced: thread i
@@ -145,7 +156,7 @@ struct Tile {
 };
 
 template <typename T>
-__device__ void load_tile(Tile& tile, const T* rewards, const T* values, const bool* mask,
+__device__ __forceinline__ void load_tile(Tile& tile, const T* rewards, const T* values, const bool* mask,
                           int64_t start, int64_t total) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
@@ -205,7 +216,7 @@ struct Params {
 };
 
 // The composed map of this thread's tokens (applied right to left).
-__device__ Map thread_map(const Tile& tile, const Params& p, int64_t tile_start, int count) {
+__device__ __forceinline__ Map thread_map(const Tile& tile, const Params& p, int64_t tile_start, int count) {
   Map agg = identity_map();
   if (count <= 0) return agg;
   const int base = threadIdx.x * kItems;
@@ -229,14 +240,13 @@ __device__ __forceinline__ int thread_count(int64_t tile_start, int64_t total) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     tile_aggregate_kernel(const T* rewards, const T* values, Params p, Map* tile_maps) {
   __shared__ Tile tile;
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTile;
   load_tile(tile, rewards, values, p.mask, tile_start, p.total);
   const Map mine = thread_map(tile, p, tile_start, thread_count(tile_start, p.total));
-  Map total;
-  block_exclusive_suffix<kThreads>(mine, &total);
+  const Map total = block_exclusive_suffix<kThreads>(mine).total;
   if (threadIdx.x == 0) tile_maps[blockIdx.x] = total;
 }
 
@@ -249,7 +259,7 @@ __global__ void __launch_bounds__(kCarryThreads)
   const int64_t hi = lo + per < num_tiles ? lo + per : num_tiles;
   Map run = identity_map();
   for (int64_t j = hi - 1; j >= lo; --j) run = compose(tile_maps[j], run);
-  const Map right = block_exclusive_suffix<kCarryThreads>(run, nullptr);
+  const Map right = block_exclusive_suffix<kCarryThreads>(run).exclusive;
   State s = apply(right, State{0.f, 0.f});
   for (int64_t j = hi - 1; j >= lo; --j) {
     carry[j] = s;
@@ -257,18 +267,36 @@ __global__ void __launch_bounds__(kCarryThreads)
   }
 }
 
+// map_lo o ... o map_{hi-1} (map_{hi-1} applied first), by the whole block: thread t
+// composes the t-th run of consecutive maps, the block composes the runs in order.
+__device__ __forceinline__ Map tiles_composed(const Map* maps, int64_t lo, int64_t hi) {
+  const int64_t per = (hi - lo + kThreads - 1) / kThreads;
+  const int64_t first = lo + static_cast<int64_t>(threadIdx.x) * per;
+  const int64_t last = first + per < hi ? first + per : hi;
+  Map run = identity_map();
+  for (int64_t i = last - 1; i >= first; --i) run = compose(maps[i], run);
+  return block_exclusive_suffix<kThreads>(run).total;
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     tile_scan_kernel(const T* rewards, const T* values, Params p, const State* carry,
-                     float* advantages, float* returns) {
+                     const Map* tile_maps, int64_t num_tiles, float* advantages,
+                     float* returns) {
   __shared__ Tile tile;
   __shared__ float out[kSkewed];
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTile;
   load_tile(tile, rewards, values, p.mask, tile_start, p.total);
   const int count = thread_count(tile_start, p.total);
   const Map mine = thread_map(tile, p, tile_start, count);
-  const Map right = block_exclusive_suffix<kThreads>(mine, nullptr);
-  State s = apply(right, carry == nullptr ? State{0.f, 0.f} : carry[blockIdx.x]);
+  const Map right = block_exclusive_suffix<kThreads>(mine).exclusive;
+  State entering{0.f, 0.f};  // a single tile: nothing to its right
+  if (carry != nullptr) {
+    entering = carry[blockIdx.x];
+  } else if (tile_maps != nullptr) {  // uniform over the block: the barriers inside are safe
+    entering = apply(tiles_composed(tile_maps, blockIdx.x + 1, num_tiles), State{0.f, 0.f});
+  }
+  State s = apply(right, entering);
 
   if (count > 0) {
     const int base = threadIdx.x * kItems;
@@ -296,6 +324,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int64_t kFusedCarryTiles = 1024;
+
 int64_t num_tiles_for(int64_t total) { return (total + kTile - 1) / kTile; }
 
 template <typename T>
@@ -303,6 +333,7 @@ cudaError_t launch(const T* rewards, const T* values, const Params& p, float* ad
                    float* returns, void* workspace, cudaStream_t stream) {
   const int64_t num_tiles = num_tiles_for(p.total);
   const State* carry = nullptr;
+  const Map* maps = nullptr;
   if (num_tiles > 1) {
     Map* tile_maps = static_cast<Map*>(workspace);
     // State is 8 bytes: placed after the maps, rounded up to keep 8-byte alignment
@@ -310,11 +341,14 @@ cudaError_t launch(const T* rewards, const T* values, const Params& p, float* ad
         static_cast<char*>(workspace) + ((num_tiles * sizeof(Map) + 15) / 16) * 16);
     tile_aggregate_kernel<T><<<static_cast<unsigned>(num_tiles), kThreads, 0, stream>>>(
         rewards, values, p, tile_maps);
-    tile_carry_kernel<<<1, kCarryThreads, 0, stream>>>(tile_maps, num_tiles, carry_w);
-    carry = carry_w;
+    maps = tile_maps;
+    if (num_tiles > kFusedCarryTiles) {
+      tile_carry_kernel<<<1, kCarryThreads, 0, stream>>>(tile_maps, num_tiles, carry_w);
+      carry = carry_w;
+    }
   }
   tile_scan_kernel<T><<<static_cast<unsigned>(num_tiles), kThreads, 0, stream>>>(
-      rewards, values, p, carry, advantages, returns);
+      rewards, values, p, carry, maps, num_tiles, advantages, returns);
   return cudaGetLastError();
 }
 

@@ -143,6 +143,8 @@ def fused_op(
             ctx.set_materialize_grads(False)  # an unused output costs no work
 
         def autograd_backward(ctx, *grads):
+            if all(g is None for g in grads):
+                return (None,) * n_in  # no output got a gradient: nothing to launch
             saved = ctx.saved_tensors
             inputs = [c if s is None else s for s, c in zip(saved[:n_in], ctx.consts)]
             needs = [bool(ctx.needs_input_grad[i]) for i in diff]

@@ -17,7 +17,7 @@ Vb vocabulary columns, the logits are recomputed and turned into
 
     dW[block] = dlogits.T @ hidden      one matmul over all N: float32 accumulation,
                                         rounded once, no float32 [V, H] buffer
-    dH       += dlogits @ W[block]      into a float32 [N, H] accumulator
+    dH       += dlogits @ W[block]      in place into a float32 [N, H] accumulator
     db[block] = dlogits.sum(0)
 
 Exact up to rounding (no gradient filtering). Extra memory: O(N * H) float32 for dH and
@@ -79,6 +79,17 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.mm(a, b, out=out)  # cuBLAS accumulates bf16 products in float32
     else:
         out.copy_(_mm_f32(a, b))
+
+
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, acc float32 (float64): no [rows(a), cols(b)] temporary."""
+    if a.dtype in _LOW and acc.dtype == torch.float32:
+        if a.is_cuda and a.dtype == b.dtype:
+            # cuBLAS: low-precision operands, C read and written in float32 (beta = 1)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        a, b = a.float(), b.float()  # CPU: block-sized upcasts ([N, Vb], [Vb, H])
+    acc.addmm_(a, b)
 
 
 def _mm_operand(hidden: Tensor) -> Tensor:
@@ -221,7 +232,7 @@ def _backward(
         if need_w:
             _mm_into(dw[v_lo:v_hi], dl.t(), hidden)  # [Vb, H]
         if need_h:
-            dh += _mm_f32(dl, weight[v_lo:v_hi])  # [N, H]
+            _addmm_f32_(dh, dl, weight[v_lo:v_hi])  # [N, H] += [N, Vb] @ [Vb, H]
         if need_b and bias is not None:
             db[v_lo:v_hi] = dl.sum(0, dtype=acc)
     return (dh.to(hidden.dtype) if need_h else empty()), dw, db

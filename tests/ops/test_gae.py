@@ -243,6 +243,19 @@ def test_cuda_matches_cpu_mixed(dtype, mask_p):
 
 
 @pytest.mark.gpu
+def test_cuda_both_carry_paths():
+    # <= 1024 tiles of 2048 tokens: each tile composes the maps to its right itself;
+    # beyond, the separate carry launch (the two paths must agree with the CPU kernel)
+    rng = random.Random(2)
+    for total in (1024 * 2048 - 5, 1024 * 2048 + 1, 2_600_000):
+        lengths = []
+        while sum(lengths) < total:
+            lengths.append(rng.choice([1, 9, 300, 2048, 6000]))
+        lengths[-1] -= sum(lengths) - total
+        _cuda_vs_cpu(lengths, mask_p=0.2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("length", [131_072, 1_000_003])
 def test_cuda_long_single_sequence(length):
     _cuda_vs_cpu([length])

@@ -19,11 +19,14 @@ from fastrlhf.ops.reference import linear_token_logprobs_reference, token_logpro
 from tests.helpers import assert_close, assert_close_to_reference
 
 IMPLS = ["torch", "triton"]
+# Each case pins its device: the torch path on CPU; the Triton path on the GPU where there
+# is one (without TRITON_INTERPRET, Triton cannot take CPU tensors), else the interpreter.
+DEV = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 # dtype -> (atol for log-probs / entropy, atol for gradients relative to their max)
 TOLS = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-3, 1e-3)}
 
 
-def _inputs(n, h, v, dtype, *, bias=True, v_total=None, ignore=True, seed=0):
+def _inputs(n, h, v, dtype, *, bias=True, v_total=None, ignore=True, seed=0, device="cpu"):
     """hidden [n, h], weight [v_total, h] scaled so logits are O(3), labels [n], bias."""
     gen = torch.Generator().manual_seed(seed)
     v_total = v_total or v
@@ -33,8 +36,8 @@ def _inputs(n, h, v, dtype, *, bias=True, v_total=None, ignore=True, seed=0):
     labels = torch.randint(0, v, (n,), generator=gen)
     if ignore and n > 2:
         labels[1] = -100
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(hidden), cast(weight), labels, cast(b)
+    cast = lambda t: None if t is None else t.to(device, dtype)
+    return cast(hidden), cast(weight), labels.to(device), cast(b)
 
 
 def _run(fn, hidden, weight, labels, bias, *, coef, **kw):
@@ -54,7 +57,10 @@ def _check_against_reference(n, h, v, dtype, impl, *, temperature=0.8, v_total=N
     coef = (torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen))
     vocab = dict(vocab_size=v) if v_total else {}
     kw = dict(temperature=temperature, **vocab)
-    ours = _run(linear_token_logprobs, hidden, weight, labels, b, coef=coef, impl=impl, **kw)
+    dev = lambda t: None if t is None else t.to(DEV[impl])
+    ours = _run(linear_token_logprobs, dev(hidden), dev(weight), dev(labels), dev(b),
+                coef=(dev(coef[0]), dev(coef[1])), impl=impl, **kw)  # fmt: skip
+    ours = (ours[0].cpu(), ours[1].cpu(), [g.cpu() for g in ours[2]])
     ref_kw = dict(temperature=temperature, vocab_size=v)
     up = lambda t: None if t is None else t.double()
     ref = _run(
@@ -103,7 +109,9 @@ def test_many_vocab_blocks_padded_head_no_bias(impl, monkeypatch):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_forward_splits(splits):
     hidden, weight, labels, b = _inputs(19, 48, 1500, torch.float32, ignore=False)
-    raw, ent, lse = linear_logprobs_fwd(hidden, weight, labels, b, 0.5, 1500, True, splits)
+    dev = DEV["triton"]
+    args = (hidden.to(dev), weight.to(dev), labels.to(dev), b.to(dev))
+    raw, ent, lse = (t.cpu() for t in linear_logprobs_fwd(*args, 0.5, 1500, True, splits))
     z = ((hidden.double() @ weight.double().T) + b.double()) * 0.5
     lse64 = torch.logsumexp(z, -1)
     assert_close(lse, lse64, atol=2e-5, name="lse")
@@ -120,10 +128,11 @@ def test_triton_dlogits_tiles_match_torch():
     _, ent, lse = ll._fwd_torch(hidden, weight, labels, b, 1 / 0.9, v, True)
     g = torch.randn(n).masked_fill(labels == -100, 0.0)
     g_ent = torch.randn(n)
-    ours = torch.full((n, 1200), float("nan"))
-    linear_logprobs_dlogits(
-        hidden, weight, labels, b, lse, ent, g, g_ent, 1 / 0.9, v, v_lo, v, ours
-    )
+    dev = DEV["triton"]
+    ours = torch.full((n, 1200), float("nan"), device=dev)
+    args = [t.to(dev) for t in (hidden, weight, labels, b, lse, ent, g, g_ent)]
+    linear_logprobs_dlogits(*args, 1 / 0.9, v, v_lo, v, ours)
+    ours = ours.cpu()
     same = torch.empty(n, v - v_lo)
     ll._dlogits_torch(hidden, weight, labels, b, lse, ent, g, g_ent, 1 / 0.9, v_lo, v, same)
     # float64 dlogits by autograd through the reference. Both float32 paths are held to
@@ -163,8 +172,9 @@ def test_leading_dims_noncontiguous_and_tied_embedding(impl):
         lp.sum().backward()
         return lp.detach(), emb.weight.grad.clone()
 
-    lp, grad = loss_fn(linear_token_logprobs, impl=impl)
     lp_ref, grad_ref = loss_fn(linear_token_logprobs_reference)
+    emb, ids, proj = emb.to(DEV[impl]), ids.to(DEV[impl]), proj.to(DEV[impl])
+    lp, grad = (t.cpu() for t in loss_fn(linear_token_logprobs, impl=impl))
     assert_close(lp, lp_ref, atol=1e-5, name="logprobs")
     # the embedding gets gradient from both the lookup and the head
     assert_close(grad, grad_ref, atol=1e-5, name="tied embedding grad")
@@ -172,7 +182,7 @@ def test_leading_dims_noncontiguous_and_tied_embedding(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_partial_gradients_and_edge_rows(impl):
-    hidden, weight, labels, _ = _inputs(12, 40, 600, torch.float32)
+    hidden, weight, labels, _ = _inputs(12, 40, 600, torch.float32, device=DEV[impl])
     labels[:] = -100
     labels[5] = 7
     w = weight.clone()  # frozen lm_head: weight gets no gradient and none is computed
@@ -196,7 +206,7 @@ def test_partial_gradients_and_edge_rows(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_out_of_range_label(impl):
-    hidden, weight, labels, _ = _inputs(6, 16, 300, torch.float32)
+    hidden, weight, labels, _ = _inputs(6, 16, 300, torch.float32, device=DEV[impl])
     labels[2] = 300
     with pytest.raises(ValueError, match=r"labels\[2\] = 300 is outside \[0, 300\)"):
         linear_token_logprobs(hidden, weight, labels, impl=impl)
@@ -303,3 +313,42 @@ def test_gpu_memory_bounded():
     torch.cuda.synchronize()
     grads = hidden.numel() * 2 + weight.numel() * 2
     assert torch.cuda.max_memory_allocated() - base - grads < 1 << 30
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_accumulates_dhidden_in_place(impl, monkeypatch):
+    """dH is one float32 [N, H] buffer that every vocabulary block updates in place: no op
+    of the backward creates another [N, H] float32 tensor (a product per block cost
+    16 N H bytes of traffic and a temporary each time)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(ll, "_TORCH_BLOCK_ELEMS", 256 * 40)
+    monkeypatch.setattr(ll, "_TRITON_BLOCK_ELEMS", 256 * 40)
+    n, h, v = 40, 24, 1000  # four vocabulary blocks of 256 columns
+    hidden, weight, labels, b = _inputs(n, h, v, torch.float32, device=DEV[impl])
+    _, ent, lse = ll._op(hidden, weight, labels, b, 1.0, -100, v, False, impl)
+    g = torch.ones(n, device=hidden.device)
+
+    class Storages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.set_.source_Storage_storage_offset:
+                return out  # the interpreter's host copies of the kernels' arguments
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape == (n, h) and t.dtype == torch.float32:
+                    self.seen.setdefault(t.untyped_storage().data_ptr(), []).append(str(func))
+            return out
+
+    with Storages() as mode:
+        dx, _, _ = ll._backward(g, None, hidden, weight, labels, b, lse, ent, 1.0, -100, v,
+                                (True, False, False), impl == "triton")  # fmt: skip
+    # one [N, H] float32 storage (dH), updated in place by all four blocks
+    assert len(mode.seen) == 1, f"[N, H] float32 tensors made by the backward: {mode.seen}"
+    assert len(next(iter(mode.seen.values()))) == 5, mode.seen
+    ref = hidden.detach().double().requires_grad_()
+    linear_token_logprobs_reference(ref, weight.double(), labels, b.double()).sum().backward()
+    assert_close(dx, ref.grad, atol=1e-5, name="grad hidden")

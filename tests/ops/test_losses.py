@@ -349,3 +349,54 @@ def test_ppo_large_batch_on_gpu():
         assert_close(loss, loss64, atol=1e-5, rtol=1e-4)
         assert_close(x.grad, x64.grad, atol=1e-9, rtol=1e-4)
         assert_close(met["ratio_max"], met64["ratio_max"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_two_level_reduction_with_many_groups(device, layout, monkeypatch):
+    """Groups of 2 sequences (the GPU picks ~sqrt(S)): the per-group reductions, a
+    partial last group, the max metric across groups and the final reduction."""
+    import fastrlhf.kernels.losses as kls
+
+    blocks = kls._blocks
+    monkeypatch.setattr(kls, "_blocks", lambda n, s: (blocks(n, s)[0], 2, blocks(n, s)[2]))
+    args = _batch(layout, device)
+    for agg in AGGS:
+        kw = dict(dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01, agg=agg)
+        (loss, met, dx, _), (loss64, met64, dx64, _) = _ppo_both(args, "triton", **kw)
+        assert_close(loss, loss64, atol=1e-5, rtol=1e-5, name="loss")
+        assert_close(dx, dx64, atol=1e-6, rtol=1e-5, name="dlogp")
+        for k in met64:
+            assert_close(met[k], met64[k], atol=1e-5, rtol=1e-5, name=k)
+        logp, old, adv, ref, ent, mask, cu = args
+        v, _ = value_loss(logp, old, adv, mask, clip=0.2, agg=agg, cu_seqlens=cu, impl="triton")
+        v64, _ = value_loss_reference(logp.double(), old.double(), adv.double(), mask, 0.2, agg, cu)
+        assert_close(v, v64, atol=1e-5, rtol=1e-5, name="value loss")
+
+
+def test_backward_materializes_no_zero_gradient_for_partials(impl, device):
+    """The per-sequence partials are an output without a gradient: the backward must not
+    get (allocate and fill) an [S, K] zero tensor for them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    logp, old, adv, _, _, mask, cu = _batch("packed", device)
+    s = len(CU) - 1
+
+    class Shapes(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # views (the saved partials unpacked by autograd) allocate nothing
+            if func.is_view:
+                return out
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == s:
+                self.made.append(str(func))
+            return out
+
+    for fn in (ppo_policy_loss, value_loss):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = fn(x, old, adv, mask, cu_seqlens=cu, impl=impl)
+        with Shapes() as mode:
+            (dx,) = torch.autograd.grad(loss, x)
+        assert mode.made == [], f"{fn.__name__} backward made [S, K] tensors: {mode.made}"
+        assert bool(torch.isfinite(dx).all())
