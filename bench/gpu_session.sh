@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh            # build, gpu tests, the five benchmarks
 #   bash bench/gpu_session.sh --full     # also the torch.compile providers (slower)
 #   bash bench/gpu_session.sh --dry-run  # the same plan at tiny shapes on CPU (CI)
+#   bash bench/gpu_session.sh --extra    # a second call (<= 5 min): compiled decode,
+#                                          packed attention, estimate vs measured memory
 #
 # The lent machine has torch, triton, pytest but no network and no .venv: its own
 # python is used and the package is installed editable without dependencies, once.
@@ -21,11 +23,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 full=0
 dry=0
+extra=0
 for arg in "$@"; do
   case "$arg" in
     --full) full=1 ;;
     --dry-run) dry=1 ;;
-    *) echo "usage: $0 [--full] [--dry-run]" >&2; exit 2 ;;
+    --extra) extra=1 ;;
+    *) echo "usage: $0 [--full] [--dry-run] [--extra]" >&2; exit 2 ;;
   esac
 done
 
@@ -81,25 +85,35 @@ torch.__version__, 'CUDA GAE:', torch._C._dispatch_has_kernel_for_dispatch_key(\
 }
 
 step build "${T[0]}" bash -c "$(declare -f build); PY=$PY dry=$dry build" || true
-if [ "$dry" = 1 ]; then
-  # the plan's test step on CPU: the kernel-launch tests (no GPU), not the slow suite
-  step pytest "${T[1]}" $PY -m pytest -q -p no:cacheprovider tests/ops/test_kernel_launch.py
+if [ "$extra" = 1 ]; then
+  # The second plan, after the headline one: GPU-only benchmarks of the compiled decode
+  # step (issue 18), the packed attention paths (issue 21) and the memory estimate
+  # against torch.cuda.max_memory_allocated (issue 17). 90 + 90 + 90 + 30 s.
+  if [ "$dry" = 1 ]; then
+    echo "--extra measures GPU-only paths; nothing to dry-run on CPU" | tee -a "$LOG"
+  else
+    step rollout 90 $PY -m bench.bench_rollout --decode --rep 2
+    step attention 90 $PY -m bench.bench_attention
+    step estimate 90 $PY -m fastrlhf.estimate.calibrate --model Qwen2.5-0.5B \
+      --out "$FASTRLHF_BENCH_RESULTS/estimate.jsonl"
+  fi
 else
-  step pytest-gpu "${T[1]}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/ops
+  if [ "$dry" = 1 ]; then
+    # the plan's test step on CPU: the kernel-launch tests (no GPU), not the slow suite
+    step pytest "${T[1]}" $PY -m pytest -q -p no:cacheprovider tests/ops/test_kernel_launch.py
+  else
+    step pytest-gpu "${T[1]}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/ops
+  fi
+  step token_logprobs "${T[2]}" $PY -m bench.bench_token_logprobs $SIZE $COMPILED
+  step linear_logprobs "${T[3]}" $PY -m bench.bench_linear_logprobs $SIZE $COMPILED
+  step ppo_loss "${T[4]}" $PY -m bench.bench_ppo_loss $SIZE $COMPILED
+  step gae "${T[5]}" $PY -m bench.bench_gae $SIZE
+  if [ "$dry" = 1 ]; then
+    step ppo_step "${T[6]}" $PY -m bench.bench_ppo_step --tiny
+  else
+    step ppo_step "${T[6]}" $PY -m bench.bench_ppo_step --quick
+  fi
 fi
-step token_logprobs "${T[2]}" $PY -m bench.bench_token_logprobs $SIZE $COMPILED
-step linear_logprobs "${T[3]}" $PY -m bench.bench_linear_logprobs $SIZE $COMPILED
-step ppo_loss "${T[4]}" $PY -m bench.bench_ppo_loss $SIZE $COMPILED
-step gae "${T[5]}" $PY -m bench.bench_gae $SIZE
-if [ "$dry" = 1 ]; then
-  step ppo_step "${T[6]}" $PY -m bench.bench_ppo_step --tiny
-else
-  step ppo_step "${T[6]}" $PY -m bench.bench_ppo_step --quick
-fi
-# ---- slots for later steps (each keeps to its own timeout; add them here, in order):
-# step rollout 90 $PY -m bench.bench_rollout --gpu           # rollout engineer
-# step attention 60 $PY -m bench.bench_attention $SIZE      # attention benchmark
-# step estimate 60 $PY -m fastrlhf estimate --calibrate      # estimate calibration
 echo "done in $(($(date +%s) - start))s, status $status; results in $OUT_DIR" | tee -a "$LOG"
 copy_out
 exit "$status"
