@@ -63,7 +63,7 @@ def _quality(task, prompt: str, response: str) -> float:
 
 def _train_sft(configs, steps: int) -> str:
     from fastrlhf.trainers import run_stage
-    from fastrlhf.trainers.common import model_path
+    from fastrlhf.trainers.loading import model_path
 
     cfg = configs["sft"]
     init = model_path(cfg.model, Path(cfg.run_dir).parent)
@@ -127,7 +127,7 @@ def run_feedback_demo(s: FeedbackDemoSettings) -> dict:
     from fastrlhf.feedback.simulate import ServerProcess, SimulatedAnnotator, label_queue
     from fastrlhf.feedback.store import add_annotator, add_items, connect
     from fastrlhf.trainers import run_stage
-    from fastrlhf.trainers.common import embedded_task
+    from fastrlhf.trainers.records import embedded_task
 
     run_dir = Path(s.run_dir)
     t_start = time.perf_counter()

@@ -68,7 +68,7 @@ def sample_items(
         pack_prompts,
         sequence_keys,
     )
-    from fastrlhf.trainers.loop import resolve_device
+    from fastrlhf.trainers.runtime import resolve_device
 
     device = resolve_device(settings.device)
     policy = load_policy(str(model_dir), device=device)
