@@ -142,6 +142,12 @@ class SFTConfig:
 
 @dataclass
 class RMConfig:
+    # "pairwise": every preference row is one example, loss = -log sigmoid(r_chosen -
+    # r_rejected - margin) averaged over pairs; "ranking": rows sharing a ``group`` id (the
+    # pairs of one ranking, as ``fastrlhf feedback export`` writes) are one example
+    # trained together, loss = mean over groups of the mean over the group's pairs
+    # (InstructGPT), so train.batch_size counts groups; rows without a group are their own
+    loss: Literal["pairwise", "ranking"] = "pairwise"
     # loss = -log sigmoid(r_chosen - r_rejected - margin)
     margin: float = 0.0
     # bins of the expected-calibration-error estimate of sigmoid(margin)

@@ -280,7 +280,9 @@ def _run(records: Iterable[dict], kind: str, cfg: DataSettings, fn) -> list:
 
 
 def _meta(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k == LOC_KEY or k == "id"}
+    # "group": the ranking a preference row came from (rm.loss=ranking trains a group's
+    # pairs together)
+    return {k: v for k, v in record.items() if k in (LOC_KEY, "id", "group")}
 
 
 # ----------------------------------------------------------------------------- public

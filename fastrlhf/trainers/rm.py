@@ -1,11 +1,22 @@
-"""Reward model: Bradley-Terry on preference pairs.
+"""Reward model: Bradley-Terry on preference pairs, or on the pairs of rankings.
 
 A ValueModel scores each packed sequence by its value at the last token: r = score(seq).
 For a pair (chosen c, rejected r) with margin m = r_c - r_r the loss is
 
-    -log sigmoid(m - margin_target)          (margin_target = rm.margin, default 0)
+    l = -log sigmoid(m - margin_target)      (margin_target = rm.margin, default 0)
 
-summed over the step's pairs and divided by their global count (see loop.py).
+``rm.loss=pairwise`` (default): an example is a pair; l is summed over the step's pairs and
+divided by their global count (see supervised.py).
+
+``rm.loss=ranking`` (InstructGPT): an example is a group, the rows sharing a ``group`` id
+(the K(K-1)/2 pairs that ``fastrlhf feedback export`` writes for one ranking of K
+responses; a row without one is a group of one pair). All pairs of a group go into the
+same micro-batch, and the loss is the mean over the step's groups of the mean of l over
+the group's pairs, so a ranking of 9 responses weighs as much as one of 2. Training
+metrics (accuracy, margin) are averaged the same way. Simplification: each pair is
+scored as its own two sequences, so a response in several pairs of a group is run once
+per pair (K-1 times) rather than once per group; the loss is the same, the cost higher.
+Evaluation is pairwise either way.
 
 Eval on held-out pairs: accuracy P(m > 0), ROC AUC of chosen-vs-rejected scores
 (Mann-Whitney U, ties count half), mean margin, and the expected calibration error of
@@ -78,6 +89,37 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) 
     }
 
 
+def preference_groups(pairs) -> list[list[int]]:
+    """Indices of ``pairs`` grouped by their ``group`` id (meta["group"]), groups in order of
+    first appearance; a pair without a group id is a group of its own."""
+    by_id: dict[str, list[int]] = {}
+    groups: list[list[int]] = []
+    for i, pair in enumerate(pairs):
+        gid = (pair.meta or {}).get("group")
+        if gid is None:
+            groups.append([i])
+            continue
+        key = repr(gid)  # 3 and "3" are different groups, as the JSON says
+        if key not in by_id:
+            by_id[key] = []
+            groups.append(by_id[key])
+        by_id[key].append(i)
+    return groups
+
+
+def ranking_loss_sum(
+    margin: torch.Tensor, group: torch.Tensor, target: float = 0.0
+) -> torch.Tensor:
+    """sum over groups g of mean over g's pairs p of -log sigmoid(margin_p - target).
+
+    margin [P]: r_chosen - r_rejected per pair; group [P]: each pair's group, ids 0..G-1
+    (every id present). Divided by the number of groups (the loop's unit count) it is
+    InstructGPT's ranking loss: every group weighs the same whatever its K."""
+    size = torch.bincount(group).to(margin.dtype)  # [G]
+    per_pair = -F.logsigmoid(margin - target)  # [P]
+    return (per_pair / size[group]).sum()
+
+
 class RMStage(SupervisedStage):
     name = "rm"
 
@@ -110,6 +152,13 @@ class RMStage(SupervisedStage):
         self.eval_pairs = tokenize_preferences(eval_records, tok, settings)
         if not self.train_pairs:
             raise ValueError(f"data.source={cfg.data.source!r} gave no preference pairs")
+        # ranking: the training examples are groups of pair indices; pairwise: single pairs
+        self.ranking = cfg.rm.loss == "ranking"
+        self.groups = (
+            preference_groups(self.train_pairs)
+            if self.ranking
+            else [[i] for i in range(len(self.train_pairs))]
+        )
         self._setup_training(self.model)
 
     @staticmethod
@@ -117,14 +166,24 @@ class RMStage(SupervisedStage):
         return [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
 
     def example_lengths(self) -> list[int]:
-        return self._lengths(self.train_pairs)
+        lengths = self._lengths(self.train_pairs)
+        return [sum(lengths[i] for i in g) for g in self.groups]
 
     def _micro(self, pairs, indices: list[int]) -> MicroBatch:
         batch = collate_pairs(pairs)
         return MicroBatch(batch.to(self.device), indices, len(pairs), batch.num_tokens)
 
     def micro_batch(self, indices: list[int]) -> MicroBatch:
-        return self._micro([self.train_pairs[i] for i in indices], indices)
+        if not self.ranking:
+            return self._micro([self.train_pairs[i] for i in indices], indices)
+        members = [self.groups[g] for g in indices]
+        mb = self._micro([self.train_pairs[i] for m in members for i in m], indices)
+        mb.units = len(indices)  # the loss unit is a group
+        sizes = torch.tensor([len(m) for m in members])
+        mb.extra["group"] = torch.repeat_interleave(torch.arange(len(members)), sizes).to(
+            self.device
+        )  # [P] group of each pair, 0..len(indices)-1
+        return mb
 
     def _scores(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         b = mb.batch
@@ -135,10 +194,18 @@ class RMStage(SupervisedStage):
     def loss_sum(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self._scores(mb)  # [P], [P]
         margin = chosen - rejected
-        loss = -F.logsigmoid(margin - self.cfg.rm.margin).sum()
+        if not self.ranking:
+            loss = -F.logsigmoid(margin - self.cfg.rm.margin).sum()
+            return loss, {
+                "accuracy": (margin > 0).float().sum(),
+                "margin": margin.detach().sum(),
+            }
+        group = mb.extra["group"]
+        weight = 1.0 / torch.bincount(group).float()[group]  # [P] 1 / size of the pair's group
+        loss = ranking_loss_sum(margin, group, self.cfg.rm.margin)
         return loss, {
-            "accuracy": (margin > 0).float().sum(),
-            "margin": margin.detach().sum(),
+            "accuracy": ((margin > 0).float() * weight).sum(),
+            "margin": (margin.detach().float() * weight).sum(),
         }
 
     def _all_scores(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
