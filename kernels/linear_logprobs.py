@@ -19,6 +19,12 @@ With ``z = (hidden @ weight[:V].T + bias[:V]) / T`` (float32 accumulation):
   derivative of ``entropy = -sum p log p`` is ``-p * (log p + entropy)``). The caller
   turns the buffer into dH and dW with two cuBLAS matmuls (fastrlhf/ops/linear_logprobs.py).
 
+Post-head transform (HF's order, constexpr SOFTCAP, fp32 on the tile): the logits are
+scaled, then capped, ``x = cap * tanh(logits * pre)`` with pre = scale / cap, then
+divided by T; without a cap the scale is folded into inv_temp. The backward recovers
+tanh from the recomputed tile (th = z / (cap * inv_temp)) and multiplies dz by
+d x / d logits = scale * (1 - th^2) (kernels.logprobs.head_args, tanh_f32).
+
 Under TRITON_INTERPRET=1 (CPU tests) bf16/fp16 ``tl.dot`` is silently wrong, so the
 UPCAST flag converts tiles to float32 before the dot; on a GPU the dot stays in the
 input dtype on tensor cores. Autotuning is pruned to one shape-derived config under
@@ -34,6 +40,7 @@ import triton.language as tl
 
 from fastrlhf.kernels import interpreting
 from fastrlhf.kernels._launch import device_of
+from fastrlhf.kernels.logprobs import head_args, tanh_f32
 
 # Every BLOCK_V below divides this, so a forward split (a multiple of it) is walked in
 # whole tiles and only the split that ends at V needs a column mask.
@@ -116,7 +123,10 @@ def _logits_tile(
     stride_hn,
     stride_wv,
     inv_temp,
+    cap,
+    pre,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -124,7 +134,8 @@ def _logits_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temp, float32 [BLOCK_N, BLOCK_V].
+    """z = head(hidden[rows] @ weight[cols].T + bias[cols]) * inv_temp, float32
+    [BLOCK_N, BLOCK_V]; head = cap * tanh(. * pre) under SOFTCAP, else the identity.
 
     ``rows`` / ``cols`` are consecutive: the K loop advances two scalar 64-bit base
     pointers over int32 in-tile offsets, instead of a 64-bit pointer per loaded element
@@ -151,6 +162,8 @@ def _logits_tile(
         w_base += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = cap * tanh_f32(acc * pre)
     return acc * inv_temp
 
 
@@ -175,7 +188,10 @@ def _fwd_kernel(
     stride_hn,
     stride_wv,
     inv_temp,
+    cap,
+    pre,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -206,7 +222,8 @@ def _fwd_kernel(
         col_mask = cols < v_end
         z = _logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv,
-            inv_temp, HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+            inv_temp, cap, pre, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N,
+            BLOCK_V, BLOCK_K,
         )  # fmt: skip
         # Masked columns get a finite -1e30, not -inf: their e is still exp(-huge) = 0
         # and e * z = 0 (0 * -inf would be NaN), so one tile serves max, sum and entropy
@@ -267,7 +284,10 @@ def _dlogits_kernel(
     stride_wv,
     stride_dn,
     inv_temp,
+    cap,
+    pre,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -294,7 +314,8 @@ def _dlogits_kernel(
     col_mask = cols < v_hi
     z = _logits_tile(
         h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv,
-        inv_temp, HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        inv_temp, cap, pre, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V,
+        BLOCK_K,
     )  # fmt: skip
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -308,7 +329,11 @@ def _dlogits_kernel(
         dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
     mask = row_mask[:, None] & col_mask[None, :]
     out = dl_ptr + rows[:, None].to(tl.int64) * stride_dn + (cols - v_lo)[None, :]
-    tl.store(out, (dz * inv_temp).to(dl_ptr.dtype.element_ty), mask=mask)
+    dz = dz * inv_temp
+    if SOFTCAP:  # d x / d logits = scale * (1 - tanh^2), scale = cap * pre
+        th = z / (cap * inv_temp)
+        dz = dz * ((cap * pre) * (1.0 - th * th))
+    tl.store(out, dz.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
 def _flags(hidden: torch.Tensor, precision: str | None = None) -> tuple[bool, str]:
@@ -360,6 +385,8 @@ def linear_logprobs_fwd(
     vocab_size: int,
     with_entropy: bool,
     splits: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     *,
     sm_count: int | None = None,
     precision: str | None = None,
@@ -387,13 +414,15 @@ def linear_logprobs_fwd(
     s_alloc = max(count(c.kwargs["BLOCK_N"]) for c in _all_configs())
     part = torch.empty((4, s_alloc, n), device=hidden.device, dtype=torch.float32)
     upcast, precision = _flags(hidden, precision)
+    inv_temp, cap, pre, has_cap = head_args(inv_temp, softcap, logit_scale)
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * count(meta["BLOCK_N"]),)
         with device_of(hidden):
             _fwd_kernel[grid](
                 hidden, weight, bias if bias is not None else hidden, labels, part,
                 n, _row_bucket(n), h, v, s_alloc, hidden.stride(0), weight.stride(0),
-                inv_temp, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+                inv_temp, cap, pre, HAS_BIAS=bias is not None, SOFTCAP=has_cap,
+                WITH_ENTROPY=with_entropy,
                 UPCAST=upcast, DOT_PRECISION=precision,
             )  # fmt: skip
     m, sum_e, sum_ez, y = part.unbind(0)  # each [S, N]
@@ -424,6 +453,8 @@ def linear_logprobs_dlogits(
     v_lo: int,
     v_hi: int,
     out: torch.Tensor,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     *,
     precision: str | None = None,
 ) -> torch.Tensor:
@@ -437,6 +468,7 @@ def linear_logprobs_dlogits(
     assert out.stride(1) == 1 and out.shape[1] >= v_hi - v_lo
     upcast, precision = _flags(hidden, precision)
     has_ent = grad_entropy is not None
+    inv_temp, cap, pre, has_cap = head_args(inv_temp, softcap, logit_scale)
     if n > 0 and v_hi > v_lo:
         grid = lambda meta: (
             triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),
@@ -447,7 +479,7 @@ def linear_logprobs_dlogits(
                 entropy if has_ent else lse, grad_logprobs,
                 grad_entropy if has_ent else grad_logprobs, out,
                 n, _row_bucket(n), h, vocab_size, v_lo, v_hi, hidden.stride(0),
-                weight.stride(0), out.stride(0), inv_temp, HAS_BIAS=bias is not None,
-                HAS_ENT_GRAD=has_ent, UPCAST=upcast, DOT_PRECISION=precision,
+                weight.stride(0), out.stride(0), inv_temp, cap, pre, HAS_BIAS=bias is not None,
+                SOFTCAP=has_cap, HAS_ENT_GRAD=has_ent, UPCAST=upcast, DOT_PRECISION=precision,
             )  # fmt: skip
     return out

@@ -21,6 +21,11 @@ Backward (one program per row, one read and one write of the row):
 written into a new buffer or into the logits buffer itself (each element is read and
 then written by the same program, so in place is safe).
 
+Post-head transform (HF's order; constexpr SOFTCAP, fp32): x = logits * scale, then
+x = cap * tanh(x / cap), then z = x / T. Without a cap the launcher folds the scale into
+inv_temp (one multiply, as before); with one the kernels get cap and pre = scale / cap,
+and the backward multiplies by d x / d logits = scale * (1 - tanh^2).
+
 Masked (-inf) logits: exp(-inf - (-inf)) and 0 * -inf are NaN, so every place that
 could form them is guarded; NaN logits are *not* guarded and propagate to the row's
 outputs. A label outside [0, V') that is not ignore_index is never loaded; its row gets
@@ -64,6 +69,20 @@ def round_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def tanh_f32(y):
+    """tanh in fp32 from one exp: 1 - 2 / (e^(2y) + 1) is exactly +-1 at +-inf and never
+    NaN for finite y (tl has no tanh the interpreter runs as well)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+def head_args(inv_temp: float, softcap: float | None, logit_scale: float):
+    """(inv_temp, cap, pre, SOFTCAP) for the kernels: without a cap the scale joins inv_temp."""
+    if softcap is None:
+        return inv_temp * logit_scale, 1.0, 1.0, False
+    return inv_temp, float(softcap), logit_scale / softcap, True
+
+
 @triton.autotune(configs=_CONFIGS, key=["V_total", "HAS_ENTROPY"])
 @triton.jit
 def _token_logprobs_fwd_kernel(
@@ -79,7 +98,10 @@ def _token_logprobs_fwd_kernel(
     V_total,  # logits' last dim (autotune key only: the forward never reads past V)
     inv_temp,
     ignore_index,
+    cap,
+    pre,
     HAS_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -91,7 +113,10 @@ def _token_logprobs_fwd_kernel(
     a = tl.zeros([BLOCK_V], tl.float32)  # per lane: sum e^(z - m) (z - m)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
-        z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(tl.float32) * inv_temp
+        z = tl.load(base + idx, mask=idx < V, other=neg_inf).to(tl.float32)
+        if SOFTCAP:  # columns >= V stay -inf (tanh would make them -cap)
+            z = tl.where(idx < V, cap * tanh_f32(z * pre), neg_inf)
+        z = z * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While the row has seen only -inf, m_new = -inf and z - m_new would be NaN:
         # shift by 0 instead (every e is then exp(-inf) = 0). The rescale of the
@@ -112,7 +137,10 @@ def _token_logprobs_fwd_kernel(
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = (label >= 0) & (label < V)
-    x = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+    x = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        x = cap * tanh_f32(x * pre)
+    x = x * inv_temp
     logp = tl.where(valid, x - lse, float("nan"))
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(logp_ptr + row, logp)
@@ -140,7 +168,10 @@ def _token_logprobs_bwd_kernel(
     V_total,
     inv_temp,
     ignore_index,
+    cap,
+    pre,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -163,7 +194,11 @@ def _token_logprobs_bwd_kernel(
         h = tl.load(entropy_ptr + row)
     for start in range(0, V_total, BLOCK_V):
         idx = start + cols
-        z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temp
+        z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            th = tanh_f32(z * pre)
+            z = tl.where(idx < V, cap * th, float("-inf"))
+        z = z * inv_temp
         log_p = z - lse
         p = tl.exp(log_p)
         d = g * (tl.where(idx == label, 1.0, 0.0) - p)
@@ -171,6 +206,8 @@ def _token_logprobs_bwd_kernel(
             # p == 0 (a -inf logit) contributes 0, not 0 * -inf.
             d -= g_h * tl.where(p > 0, p * (log_p + h), 0.0)
         d = d * inv_temp
+        if SOFTCAP:  # d x / d logits = scale * (1 - tanh^2), scale = cap * pre
+            d = d * ((cap * pre) * (1.0 - th * th))
         if ROUND_BF16:
             d = round_to_bf16(d)
         tl.store(dbase + idx, d.to(dlogits_ptr.dtype.element_ty), mask=idx < V_total)
@@ -204,6 +241,8 @@ def token_logprobs_fwd(
     ignore_index: int,
     vocab_size: int,
     return_entropy: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. ``layout`` = (T_inner, stride_outer, stride_inner) of the rows.
 
@@ -218,14 +257,14 @@ def token_logprobs_fwd(
         return logp, lse, entropy
     t_inner, s_outer, s_inner = layout
     args = (logits, labels, logp, lse, entropy, t_inner, s_outer, s_inner, vocab_size, v_total)
-    args += (inv_temp, ignore_index)
+    inv_temp, cap, pre, has_cap = head_args(inv_temp, softcap, logit_scale)
+    args += (inv_temp, ignore_index, cap, pre)
+    flags = dict(HAS_ENTROPY=return_entropy, SOFTCAP=has_cap)
     with device_of(logits):
         if interpreting():
-            _token_logprobs_fwd_kernel.fn[(n,)](
-                *args, HAS_ENTROPY=return_entropy, BLOCK_V=_block(vocab_size)
-            )
+            _token_logprobs_fwd_kernel.fn[(n,)](*args, **flags, BLOCK_V=_block(vocab_size))
         else:
-            _token_logprobs_fwd_kernel[(n,)](*args, HAS_ENTROPY=return_entropy)
+            _token_logprobs_fwd_kernel[(n,)](*args, **flags)
             best = getattr(_token_logprobs_fwd_kernel, "best_config", None)
             if best is not None:
                 _chosen[("fwd", v_total, logits.dtype)] = best
@@ -245,6 +284,8 @@ def token_logprobs_bwd(
     inv_temp: float,
     ignore_index: int,
     vocab_size: int,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> None:
     """Write dlogits (which may be ``logits`` itself) for every row, padded columns = 0."""
     n = labels.numel()
@@ -255,20 +296,29 @@ def token_logprobs_bwd(
     t_inner, s_outer, s_inner = layout
     args = (logits, dlogits, labels, lse, entropy if has_h else lse, grad_logp)
     args += (grad_entropy if has_h else grad_logp, t_inner, s_outer, s_inner)
-    args += (d_layout[1], d_layout[2], vocab_size, v_total, inv_temp, ignore_index)
+    inv_temp, cap, pre, has_cap = head_args(inv_temp, softcap, logit_scale)
+    args += (d_layout[1], d_layout[2], vocab_size, v_total, inv_temp, ignore_index, cap, pre)
     with device_of(logits):
         if interpreting():
             rnd = needs_bf16_rounding(dlogits)
             _token_logprobs_bwd_kernel[(n,)](
-                *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=rnd, BLOCK_V=_block(v_total)
+                *args,
+                HAS_ENTROPY_GRAD=has_h,
+                SOFTCAP=has_cap,
+                ROUND_BF16=rnd,
+                BLOCK_V=_block(v_total),
             )
         elif dlogits is logits or (dlogits.data_ptr() == logits.data_ptr() and not logits.is_meta):
             cfg = _inplace_config(v_total, has_h, logits.dtype)
             _token_logprobs_bwd_kernel[(n,)](
-                *args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=False, **cfg.all_kwargs()
+                *args,
+                HAS_ENTROPY_GRAD=has_h,
+                SOFTCAP=has_cap,
+                ROUND_BF16=False,
+                **cfg.all_kwargs(),
             )
         else:
-            _bwd_autotuned[(n,)](*args, HAS_ENTROPY_GRAD=has_h, ROUND_BF16=False)
+            _bwd_autotuned[(n,)](*args, HAS_ENTROPY_GRAD=has_h, SOFTCAP=has_cap, ROUND_BF16=False)
             best = getattr(_bwd_autotuned, "best_config", None)
             if best is not None:
                 _chosen[("bwd", v_total, has_h, logits.dtype)] = best

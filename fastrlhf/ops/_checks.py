@@ -119,6 +119,14 @@ def check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def check_head(softcap: object, logit_scale: object) -> tuple[float | None, float]:
+    """(softcap, logit_scale) as floats: softcap None or a finite number > 0, logit_scale a
+    finite number > 0 (a negative scale would flip the vocabulary's order)."""
+    if softcap is not None:
+        softcap = check_positive_float("softcap", softcap)
+    return softcap, check_positive_float("logit_scale", logit_scale)
+
+
 def check_packed_layout(op: str, cu_seqlens: torch.Tensor, total: int, of: str) -> None:
     """ValueError unless ``cu_seqlens`` starts at 0, never decreases and ends at ``total``.
 

@@ -5,7 +5,8 @@ Shapes: N = tokens (leading dims of ``hidden`` / ``labels`` flattened), H = hidd
 V = vocabulary in use (``vocab_size`` <= weight rows; extra rows of a padded lm_head are
 never read and get a zero gradient), Vb = one vocabulary block.
 
-    z        = (hidden @ weight[:V].T + bias[:V]) / T       # float32 accumulation
+    z        = head(hidden @ weight[:V].T + bias[:V]) / T   # float32 accumulation
+    head(x)  = softcap * tanh(x * logit_scale / softcap)     (x * logit_scale without a cap)
     logp     = z[label] - logsumexp(z)   (0 at ignore_index, NaN for an out-of-range label)
     entropy  = logsumexp(z) - sum softmax(z) * z           (every row)
 
@@ -19,6 +20,9 @@ Vb vocabulary columns, the logits are recomputed and turned into
                                         rounded once, no float32 [V, H] buffer
     dH       += dlogits @ W[block]      in place into a float32 [N, H] accumulator
     db[block] = dlogits.sum(0)
+
+With a soft-cap, dlogits is further multiplied by d head / dx = logit_scale * (1 - tanh^2)
+(tanh recovered from the recomputed z), so dH / dW are w.r.t. the raw logits.
 
 Exact up to rounding (no gradient filtering). Extra memory: O(N * H) float32 for dH and
 one [N, Vb] block, with Vb chosen so the block stays near a fixed size whatever V is.
@@ -39,6 +43,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.ops._checks import (
+    check_head,
     check_labels_in_range,
     check_logits_labels,
     check_positive_float,
@@ -97,12 +102,25 @@ def _mm_operand(hidden: Tensor) -> Tensor:
     return hidden.float() if hidden.dtype in _LOW and not hidden.is_cuda else hidden
 
 
+def _head(
+    inv_temp: float, softcap: float | None, scale: float
+) -> tuple[float, float | None, float]:
+    """(inv_temp, cap, pre) as the kernels take them (kernels.logprobs.head_args): without a
+    cap the scale joins inv_temp; with one, x -> cap * tanh(x * pre), pre = scale / cap."""
+    if softcap is None:
+        return inv_temp * scale, None, 1.0
+    return inv_temp, softcap, scale / softcap
+
+
 def _block_logits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int, inv_temp: float
+    h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int, head: tuple
 ) -> Tensor:
+    inv_temp, cap, pre = head
     z = _mm_f32(h, weight[v_lo:v_hi].t())  # [N, Vb]
     if bias is not None:
         z += bias[v_lo:v_hi]
+    if cap is not None:
+        z = z.mul_(pre).tanh_().mul_(cap)
     return z.mul_(inv_temp)
 
 
@@ -114,7 +132,7 @@ def _fwd_torch(
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
-    inv_temp: float,
+    head: tuple,
     v: int,
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,7 +147,7 @@ def _fwd_torch(
     vb = _vocab_block(n, v, _TORCH_BLOCK_ELEMS)
     for v_lo in range(0, v, vb):
         v_hi = min(v_lo + vb, v)
-        z = _block_logits(h, weight, bias, v_lo, v_hi, inv_temp)  # [N, Vb]
+        z = _block_logits(h, weight, bias, v_lo, v_hi, head)  # [N, Vb]
         m_new = torch.maximum(m, z.amax(1))
         alpha = torch.exp(m - m_new)  # 0 on the first block, where m = -inf
         e = torch.sub(z, m_new[:, None]).exp_()  # [N, Vb]
@@ -154,15 +172,21 @@ def _dlogits_torch(
     entropy: Tensor,
     g: Tensor,
     g_ent: Tensor | None,
-    inv_temp: float,
+    head: tuple,
     v_lo: int,
     v_hi: int,
     out: Tensor,
 ) -> Tensor:
     # In place where possible: on CPU each pass over [N, Vb] costs about as much as the
     # matmul. Scaling g (O(N)) by 1/T up front makes dz below dlogits directly.
+    inv_temp, cap, pre = head
     g = g * inv_temp
-    logp = _block_logits(h, weight, bias, v_lo, v_hi, inv_temp).sub_(lse[:, None])  # [N, Vb]
+    z = _block_logits(h, weight, bias, v_lo, v_hi, head)  # [N, Vb]
+    # d head / dx = scale * (1 - tanh^2), tanh recovered from z before z is reused
+    head_grad = (
+        None if cap is None else (z / (cap * inv_temp)).square_().neg_().add_(1).mul_(cap * pre)
+    )
+    logp = z.sub_(lse[:, None])  # [N, Vb]
     p = logp.exp()  # [N, Vb]
     if g_ent is not None:
         # dz = -g p - g_ent p (log p + entropy), as d entropy / dz = -p (log p + entropy)
@@ -173,6 +197,8 @@ def _dlogits_torch(
     in_block = (labels >= v_lo) & (labels < v_hi)
     idx = (labels - v_lo).clamp(0, v_hi - v_lo - 1)
     dz.scatter_add_(1, idx[:, None], torch.where(in_block, g, 0.0)[:, None])  # + g * onehot
+    if head_grad is not None:
+        dz.mul_(head_grad)
     return out.copy_(dz)
 
 
@@ -193,6 +219,8 @@ def _backward(
     vocab_size: int,
     needs: tuple[bool, bool, bool],
     use_triton: bool,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     need_h, need_w, need_b = needs
     n, _ = hidden.shape
@@ -223,12 +251,12 @@ def _backward(
             from fastrlhf.kernels.linear_logprobs import linear_logprobs_dlogits
 
             linear_logprobs_dlogits(
-                hidden, weight, labels, bias, lse, entropy, g, g_ent, inv_temp, v, v_lo, v_hi, dl
-            )
+                hidden, weight, labels, bias, lse, entropy, g, g_ent, inv_temp, v, v_lo, v_hi, dl,
+                softcap, logit_scale,
+            )  # fmt: skip
         else:
-            _dlogits_torch(
-                h, weight, labels, bias, lse, entropy, g, g_ent, inv_temp, v_lo, v_hi, dl
-            )
+            head = _head(inv_temp, softcap, logit_scale)
+            _dlogits_torch(h, weight, labels, bias, lse, entropy, g, g_ent, head, v_lo, v_hi, dl)
         if need_w:
             _mm_into(dw[v_lo:v_hi], dl.t(), hidden)  # [Vb, H]
         if need_h:
@@ -241,7 +269,10 @@ def _backward(
 # ---------------------------------------------------------------- torch.library op
 
 
-def _fake(hidden, weight, labels, bias, temperature, ignore_index, vocab_size, ret_ent, impl):
+def _fake(
+    hidden, weight, labels, bias, temperature, ignore_index, vocab_size, ret_ent, impl, softcap,
+    logit_scale,
+):  # fmt: skip
     n = hidden.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     entropy = hidden.new_empty((n if ret_ent else 0,), dtype=acc)
@@ -255,6 +286,7 @@ def _op_backward(a, outputs, grads, needs):
     dh, dw, db = _backward(
         grad_logprobs, grad_entropy, a.hidden, a.weight, a.labels, a.bias, lse, entropy,
         a.temperature, a.ignore_index, a.vocab_size, tuple(needs), use_triton=a.impl == "triton",
+        softcap=a.softcap, logit_scale=a.logit_scale,
     )  # fmt: skip
     return [g if need else None for g, need in zip((dh, dw, db), needs)]
 
@@ -275,15 +307,22 @@ def _op(
     vocab_size: int,
     return_entropy: bool,
     impl: str,
+    softcap: float | None,
+    logit_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs [N], entropy [N] or [0], lse [N])."""
-    args = (hidden, weight, labels, bias, 1.0 / temperature, vocab_size, return_entropy)
     if impl == "triton":
         from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
 
-        raw, entropy, lse = linear_logprobs_fwd(*args)
+        raw, entropy, lse = linear_logprobs_fwd(
+            hidden, weight, labels, bias, 1.0 / temperature, vocab_size, return_entropy,
+            softcap=softcap, logit_scale=logit_scale,
+        )  # fmt: skip
     else:
-        raw, entropy, lse = _fwd_torch(*args)
+        head = _head(1.0 / temperature, softcap, logit_scale)
+        raw, entropy, lse = _fwd_torch(
+            hidden, weight, labels, bias, head, vocab_size, return_entropy
+        )
     ignored, bad, _ = label_masks(labels, ignore_index, vocab_size)
     return raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0), entropy, lse
 
@@ -339,6 +378,8 @@ def linear_token_logprobs(
     vocab_size: int | None = None,
     validate: bool = True,
     impl: str = "auto",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log p(labels | hidden) under the lm_head ``weight`` [V, H] (and ``bias`` [V]).
 
@@ -351,17 +392,22 @@ def linear_token_logprobs(
 
     ``validate=True`` checks that labels are in [0, vocab_size) (one device sync); with
     ``validate=False`` a bad label gives NaN at its position, never an out-of-bounds read.
+    ``softcap`` / ``logit_scale``: the model's post-head transform, in HF's order and
+    before the temperature: logits -> ``softcap * tanh(logits * logit_scale / softcap)``
+    (no cap: ``logits * logit_scale``); gradients flow through it.
     ``impl``: "auto" (Triton on CUDA, PyTorch blocks otherwise), "triton", "torch" or
     "reference" (see the module docstring).
     """
     v = _check_inputs(hidden, weight, labels, bias, temperature, vocab_size)
+    softcap, logit_scale = check_head(softcap, logit_scale)
     impl = resolve_impl("linear_token_logprobs", impl, hidden)
     if validate:
         check_labels_in_range(labels, v, ignore_index)
     if impl == "reference":
         return linear_token_logprobs_reference(
-            hidden, weight, labels, bias, temperature, ignore_index, return_entropy, v
-        )
+            hidden, weight, labels, bias, temperature, ignore_index, return_entropy, v,
+            softcap=softcap, logit_scale=logit_scale,
+        )  # fmt: skip
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     if h.stride(-1) != 1:
         h = h.contiguous()
@@ -371,7 +417,7 @@ def linear_token_logprobs(
         bias = bias.contiguous()
     logprobs, entropy, _ = _op(
         h, weight, labels.reshape(-1).contiguous(), bias, float(temperature), int(ignore_index), v,
-        bool(return_entropy), impl,
+        bool(return_entropy), impl, softcap, logit_scale,
     )  # fmt: skip
     logprobs = logprobs.view(labels.shape)
     if return_entropy:

@@ -3,7 +3,7 @@
 Shapes: N = tokens (the product of the logits' leading dims), V = logits' last dim,
 V' = ``vocab_size`` (defaults to V; smaller for an lm_head wider than the tokenizer).
 
-    z = logits[..., :V'] / temperature
+    z = head(logits[..., :V']) / temperature   head: * logit_scale, then softcap * tanh(. / softcap)
     logp[n]    = z[n, label[n]] - logsumexp(z[n])      (0 where label == ignore_index)
     entropy[n] = -sum_v softmax(z[n])_v * log softmax(z[n])_v
 
@@ -16,6 +16,10 @@ Backends (``impl=``; "auto" is Triton for CUDA tensors that are not float64):
 - "reference": ``fastrlhf.ops.reference.token_logprobs_reference`` (materializes a
   float32 [N, V] log_softmax).
 
+``softcap`` / ``logit_scale`` are the model's own post-head transform, in HF's order
+(scale, then cap; the temperature divides the result); the backward goes through the
+tanh: d z / d logits = logit_scale * (1 - tanh^2) / T.
+
 "triton" and "torch" are one ``fastrlhf::token_logprobs`` op (``ops._library``), so
 ``torch.compile(fullgraph=True)`` traces it.
 """
@@ -27,13 +31,14 @@ import math
 import torch
 
 from fastrlhf.ops._checks import (
+    check_head,
     check_labels_in_range,
     check_logits_labels,
     check_positive_float,
 )
 from fastrlhf.ops._labels import entropy_of, label_masks, masked_logp
 from fastrlhf.ops._library import fused_op, resolve_impl
-from fastrlhf.ops.reference.logprobs import token_logprobs_reference
+from fastrlhf.ops.reference.logprobs import head_transform, token_logprobs_reference
 
 _CHUNK_ELEMS = 1 << 22  # rows per chunk of the PyTorch path = max(1, this // V)
 
@@ -79,12 +84,22 @@ def _row_chunks(n: int, v: int, t_inner: int):
             yield b, t0, min(t0 + step, t_inner)
 
 
-def _scaled(x: torch.Tensor, compute: torch.dtype, temperature: float) -> torch.Tensor:
-    z = x.to(compute)  # a view when x is already float32 / float64
+def _scaled(x: torch.Tensor, compute: torch.dtype, temperature: float, head) -> torch.Tensor:
+    z = head_transform(x.to(compute), *head)  # a view when x is float32 / float64, no head
     return z if temperature == 1.0 else z / temperature
 
 
-def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy):
+def _head_grad(z: torch.Tensor, temperature: float, head) -> torch.Tensor | float:
+    """d(head(x)) / dx from z = head(x) / T: scale, or scale * (1 - tanh^2) with a cap."""
+    softcap, scale = head
+    if softcap is None:
+        return scale
+    th = z * (temperature / softcap)  # tanh(x * scale / softcap), recovered from z
+    return th.square_().neg_().add_(1.0).mul_(scale)
+
+
+def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy,
+               head):  # fmt: skip
     n = labels.numel()
     compute = torch.promote_types(logits.dtype, torch.float32)
     logp = torch.empty(n, dtype=compute, device=logits.device)
@@ -94,7 +109,7 @@ def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, re
     t_inner = layout[0]
     for b, t0, t1 in _row_chunks(n, vocab_size, t_inner):
         r0, r1 = b * t_inner + t0, b * t_inner + t1
-        z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature)  # [C, V']
+        z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature, head)  # [C, V']
         # Shift by the row max first and keep the shifted logits: log p = (z - max) -
         # log sum exp(z - max) rounds each term near its own size. Taking lse from
         # log_softmax at the max column instead carried that element's rounding (4.8e-6
@@ -113,7 +128,7 @@ def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, re
 
 def _torch_bwd(
     logits, layout, out_rows, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-    ignore_index, vocab_size,
+    ignore_index, vocab_size, head,
 ):  # fmt: skip
     """Write dlogits row chunks into ``out_rows`` ([B, T, V] view; may alias logits)."""
     n = labels.numel()
@@ -123,7 +138,8 @@ def _torch_bwd(
     v_total = logits.shape[-1]
     for b, t0, t1 in _row_chunks(n, v_total, t_inner):
         r0, r1 = b * t_inner + t0, b * t_inner + t1
-        z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature)  # [C, V']
+        z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature, head)  # [C, V']
+        head_grad = _head_grad(z, temperature, head)  # before z is reused
         log_p = z - lse[r0:r1].unsqueeze(1)  # [C, V'], chunk-bounded
         ignored, bad, safe = label_masks(labels[r0:r1], ignore_index, vocab_size)
         g = masked_logp(grad_logp[r0:r1].to(compute), ignored, bad)
@@ -141,13 +157,16 @@ def _torch_bwd(
         d.scatter_add_(1, safe.unsqueeze(1), torch.where(ignored | bad, 0.0, g).unsqueeze(1))
         if temperature != 1.0:
             d.div_(temperature)
+        if not isinstance(head_grad, float) or head_grad != 1.0:
+            d.mul_(head_grad)
         out_rows[b, t0:t1, :vocab_size] = d
         if vocab_size < v_total:
             # padded columns get 0, or NaN where the row's gradient is NaN (bad label)
             out_rows[b, t0:t1, vocab_size:] = (g * 0.0).unsqueeze(1)
 
 
-def _fake(logits, labels, temperature, ignore_index, vocab_size, return_entropy, inplace, impl):
+def _fake(logits, labels, temperature, ignore_index, vocab_size, return_entropy, inplace, impl,
+          softcap, logit_scale):  # fmt: skip
     n = labels.numel()
     dt = torch.promote_types(logits.dtype, torch.float32)
     entropy = logits.new_empty(n if return_entropy else 0, dtype=dt)
@@ -175,11 +194,12 @@ def _backward(a, outputs, grads, needs, into=None):
 
         g_ent = None if g_ent is None else g_ent.contiguous()
         token_logprobs_bwd(logits_c, layout, out_c, out_layout, *args, g_logp.contiguous(), g_ent,
-                           1.0 / a.temperature, a.ignore_index, a.vocab_size)  # fmt: skip
+                           1.0 / a.temperature, a.ignore_index, a.vocab_size, a.softcap,
+                           a.logit_scale)  # fmt: skip
     else:
         out_rows = _rows_of(out_c, out_layout, a.labels.numel())
         _torch_bwd(logits_c, layout, out_rows, *args, g_logp, g_ent, a.temperature,
-                   a.ignore_index, a.vocab_size)  # fmt: skip
+                   a.ignore_index, a.vocab_size, (a.softcap, a.logit_scale))  # fmt: skip
     if out_c.data_ptr() != out.data_ptr():  # _row_layout had to copy the logits: write back
         out.copy_(out_c.view(out.shape))
     return [out]
@@ -201,18 +221,21 @@ def _op(
     return_entropy: bool,
     inplace_backward: bool,
     impl: str,
+    softcap: float | None,
+    logit_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], lse [N], entropy [N] or [0]) in float32 (float64 for float64 logits)."""
     if labels.numel() == 0:
         return _fake(logits, labels, temperature, ignore_index, vocab_size, return_entropy,
-                     inplace_backward, impl)  # fmt: skip
+                     inplace_backward, impl, softcap, logit_scale)  # fmt: skip
     logits, layout = _row_layout(logits)
     if impl == "triton":
         from fastrlhf.kernels.logprobs import token_logprobs_fwd
 
         return token_logprobs_fwd(logits, layout, labels, 1.0 / temperature, ignore_index,
-                                  vocab_size, return_entropy)  # fmt: skip
-    return _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy)
+                                  vocab_size, return_entropy, softcap, logit_scale)  # fmt: skip
+    return _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy,
+                      (softcap, logit_scale))  # fmt: skip
 
 
 def _check_rows_defined(lse: torch.Tensor, logits: torch.Tensor, vocab_size: int) -> None:
@@ -246,8 +269,10 @@ def token_logprobs(
     vocab_size: int | None = None,
     validate: bool = True,
     impl: str = "auto",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels) under softmax(logits / temperature), float32, shaped like ``labels``.
+    """log p(labels) under softmax(head(logits) / temperature), float32, shaped like ``labels``.
 
     Args:
         logits: [..., V] float16 / bfloat16 / float32 (float64 runs the PyTorch path).
@@ -265,12 +290,16 @@ def token_logprobs(
             row is -inf in every column (a device sync). Without it a bad label gives NaN
             at its position, never a bad read, and such a row gives NaN.
         impl: "auto", "triton", "torch" or "reference" (the module docstring).
+        softcap, logit_scale: the model's post-head transform, applied before the
+            temperature as HF does: ``softcap * tanh(logits * logit_scale / softcap)``
+            (no cap: ``logits * logit_scale``). Gradients are w.r.t. the raw logits.
 
     Returns:
         logp [...] float32 (float64 for float64 logits), or (logp, entropy).
     """
     v = check_logits_labels(logits, labels)
     check_positive_float("temperature", temperature)
+    softcap, logit_scale = check_head(softcap, logit_scale)
     if vocab_size is None:
         vocab_size = v
     elif not (isinstance(vocab_size, int) and 0 < vocab_size <= v):
@@ -285,15 +314,16 @@ def token_logprobs(
             no_finite = torch.isneginf(logits[..., :vocab_size]).all(-1).reshape(-1)
             _check_rows_defined(torch.where(no_finite, -math.inf, 0.0), logits, vocab_size)
         return token_logprobs_reference(
-            logits, labels, temperature, ignore_index, return_entropy, vocab_size
-        )
+            logits, labels, temperature, ignore_index, return_entropy, vocab_size,
+            softcap=softcap, logit_scale=logit_scale,
+        )  # fmt: skip
     lead = labels.shape
     flat_labels = labels.reshape(-1)
     if not flat_labels.is_contiguous():
         flat_labels = flat_labels.contiguous()
     logp, lse, entropy = _op(
         logits, flat_labels, float(temperature), int(ignore_index), int(vocab_size),
-        bool(return_entropy), bool(inplace_backward), impl,
+        bool(return_entropy), bool(inplace_backward), impl, softcap, logit_scale,
     )  # fmt: skip
     if validate:
         _check_rows_defined(lse, logits, vocab_size)

@@ -153,7 +153,8 @@ def test_rm_ranking_cli_run(tmp_path, tiny_model_dir):
     path.write_text("".join(json.dumps(r) + "\n" for r in _ranking_rows(12)))
     run = tmp_path / "run"
     argv = ["rm", f"run_dir={run}", f"model.name_or_path={tiny_model_dir}", f"data.source={path}",
-            "rm.loss=ranking", "data.num_eval=4", "data.max_length=40", "data.max_prompt_length=20", "train.batch_size=4",
+            "rm.loss=ranking", "data.num_eval=4", "data.max_length=40",
+            "data.max_prompt_length=20", "train.batch_size=4",
             "train.micro_batch_tokens=96", "train.max_steps=2", "train.progress_bar=false",
             "train.cpu_threads=1", "logging.log_every=1", "logging.plots=false",
             "checkpoint.save_final=false"]  # fmt: skip

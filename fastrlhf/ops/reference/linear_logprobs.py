@@ -4,7 +4,8 @@ Shapes: N = tokens (leading dims of ``hidden`` / ``labels`` flattened), H = hidd
 V = vocabulary in use (``vocab_size``, default all rows of ``weight``).
 
     logits  = hidden @ weight[:V].T + bias[:V]       # [N, V], in the inputs' dtype
-    z       = float32(logits) / T                     # float64 when the inputs are float64
+    z       = head_transform(float32(logits)) / T     # float64 when the inputs are float64
+              (scale, then soft-cap: see reference.logprobs.head_transform)
     logp    = z[label] - logsumexp(z)   (0 where label == ignore_index, NaN if out of range)
     entropy = logsumexp(z) - sum softmax(z) * z       (every row, whatever its label)
 
@@ -35,6 +36,8 @@ def linear_token_logprobs_reference(
     ignore_index: int = -100,
     return_entropy: bool = False,
     vocab_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) [...] (and the entropy [...]) in ``max(float32, dtype)``; differentiable.
 
@@ -44,4 +47,7 @@ def linear_token_logprobs_reference(
     logits = hidden @ weight[:v].T  # [..., V]
     if bias is not None:
         logits = logits + bias[:v]
-    return token_logprobs_reference(logits, labels, temperature, ignore_index, return_entropy)
+    return token_logprobs_reference(
+        logits, labels, temperature, ignore_index, return_entropy,
+        softcap=softcap, logit_scale=logit_scale,
+    )  # fmt: skip

@@ -2,7 +2,9 @@
 
 Shapes: N = tokens (any leading shape flattened), V = vocabulary (logits' last dim).
 
-    z        = logits[..., :vocab_size] / T                      # [..., V']
+    u        = logits[..., :vocab_size] * logit_scale            # [..., V']
+    u        = softcap * tanh(u / softcap)       (only when softcap is not None)
+    z        = u / T
     logp     = z[label] - logsumexp(z)   (0 where label == ignore_index)
     entropy  = logsumexp(z) - sum softmax(z) * z
 
@@ -16,6 +18,10 @@ Cost (the "reference" benchmark provider, float32 log_softmax + gather): reads t
 a [N, V] float32 log_softmax, then gathers N values: ~ 2 reads + 2 writes of [N, V]
 float32 in the forward, and autograd keeps the [N, V] float32 log_softmax alive for
 the backward (which writes another [N, V] float32 and then the [N, V] dlogits).
+
+The post-head transform follows HF's order: the model's own logit scale (Cohere's
+``logit_scale``; Granite's 1 / ``logits_scaling``), then Gemma's final soft-cap, both
+part of the model's logits; the sampling temperature divides the result.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ import torch
 from fastrlhf.ops._labels import entropy_of, label_masks, masked_logp
 
 
+def head_transform(
+    logits: torch.Tensor, softcap: float | None = None, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """HF's post-head transform: ``logits * logit_scale``, then ``softcap * tanh(z / softcap)``
+    (a -inf logit becomes -softcap, as in HF). Returns ``logits`` itself when both are
+    the identity."""
+    z = logits if logit_scale == 1.0 else logits * logit_scale
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
 def token_logprobs_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -32,12 +48,14 @@ def token_logprobs_reference(
     ignore_index: int = -100,
     return_entropy: bool = False,
     vocab_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) (and the entropy) in ``max(float32, logits.dtype)``; differentiable."""
     compute = torch.promote_types(logits.dtype, torch.float32)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
-    z = logits.to(compute) / temperature  # [..., V]
+    z = head_transform(logits.to(compute), softcap, logit_scale) / temperature  # [..., V]
     logsm = torch.log_softmax(z, dim=-1)  # [..., V]
     ignored, bad, safe = label_masks(labels, ignore_index, logits.shape[-1])
     logp = masked_logp(logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), ignored, bad)
