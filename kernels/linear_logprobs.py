@@ -21,9 +21,9 @@ With ``z = (hidden @ weight[:V].T + bias[:V]) / T`` (float32 accumulation):
 
 Post-head transform (HF's order, constexpr SOFTCAP, fp32 on the tile): the logits are
 scaled, then capped, ``x = cap * tanh(logits * pre)`` with pre = scale / cap, then
-divided by T; without a cap the scale is folded into inv_temp. The backward recovers
-tanh from the recomputed tile (th = z / (cap * inv_temp)) and multiplies dz by
-d x / d logits = scale * (1 - th^2) (kernels.logprobs.head_args, tanh_f32).
+divided by T; without a cap the scale is folded into inv_temp. The backward keeps tanh
+of the recomputed tile and multiplies dz by d x / d logits = scale * (1 - th^2)
+(kernels.logprobs.head_args, tanh_and_sech2).
 
 Under TRITON_INTERPRET=1 (CPU tests) bf16/fp16 ``tl.dot`` is silently wrong, so the
 UPCAST flag converts tiles to float32 before the dot; on a GPU the dot stays in the
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from fastrlhf.kernels import interpreting
 from fastrlhf.kernels._launch import device_of
-from fastrlhf.kernels.logprobs import head_args, tanh_f32
+from fastrlhf.kernels.logprobs import head_args, tanh_and_sech2, tanh_f32
 
 # Every BLOCK_V below divides this, so a forward split (a multiple of it) is walked in
 # whole tiles and only the split that ends at V needs a column mask.
@@ -313,10 +313,33 @@ def _dlogits_kernel(
     row_mask = rows < N
     col_mask = cols < v_hi
     z = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_hn, stride_wv,
-        inv_temp, cap, pre, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_N, BLOCK_V,
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_temp,
+        cap,
+        pre,
+        HAS_BIAS,
+        False,
+        UPCAST,
+        DOT_PRECISION,
+        EVEN_K,
+        BLOCK_N,
+        BLOCK_V,
         BLOCK_K,
-    )  # fmt: skip
+    )  # fmt: skip  (logits / T: the cap is applied here, keeping tanh for d head / dx)
+    if SOFTCAP:
+        # tanh from its argument (rounding there moves 1 - tanh^2 by a relative ~|y| ulp),
+        # not recovered from the capped z (an absolute ulp on tanh ~ 1 would swamp it)
+        th, sech2 = tanh_and_sech2(z * (pre / inv_temp))
+        z = (cap * inv_temp) * th
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     # The caller zeroes g at ignored rows and makes it NaN at out-of-range labels.
@@ -331,8 +354,7 @@ def _dlogits_kernel(
     out = dl_ptr + rows[:, None].to(tl.int64) * stride_dn + (cols - v_lo)[None, :]
     dz = dz * inv_temp
     if SOFTCAP:  # d x / d logits = scale * (1 - tanh^2), scale = cap * pre
-        th = z / (cap * inv_temp)
-        dz = dz * ((cap * pre) * (1.0 - th * th))
+        dz = dz * ((cap * pre) * sech2)
     tl.store(out, dz.to(dl_ptr.dtype.element_ty), mask=mask)
 
 

@@ -24,7 +24,7 @@ then written by the same program, so in place is safe).
 Post-head transform (HF's order; constexpr SOFTCAP, fp32): x = logits * scale, then
 x = cap * tanh(x / cap), then z = x / T. Without a cap the launcher folds the scale into
 inv_temp (one multiply, as before); with one the kernels get cap and pre = scale / cap,
-and the backward multiplies by d x / d logits = scale * (1 - tanh^2).
+and the backward multiplies by d x / d logits = scale * (1 - tanh^2) (tanh_and_sech2).
 
 Masked (-inf) logits: exp(-inf - (-inf)) and 0 * -inf are NaN, so every place that
 could form them is guarded; NaN logits are *not* guarded and propagate to the row's
@@ -70,10 +70,27 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def tanh_and_sech2(y):
+    """(tanh y, 1 - tanh^2 y) in fp32 (tl has no tanh that the interpreter runs as well).
+
+    With t = e^(-2|y|): tanh = (1 - t) / (1 + t), which never overflows and is exactly
+    +-1 at +-inf (NaN stays NaN), and 1 - tanh^2 = 4t / (1 + t)^2 with no cancellation:
+    1 - th * th is 0 once th rounds to 1 (|y| > 9), where the true slope is not. Below
+    |y| = 0.25, where 1 - t cancels to a few ulp, tanh is the odd Taylor series to y^9
+    (truncation < 1e-7 relative there)."""
+    t = tl.exp(-2.0 * tl.abs(y))
+    inv = 1.0 / (1.0 + t)
+    r = (1.0 - t) * inv
+    r = tl.where(y < 0, -r, r)
+    y2 = y * y
+    series = y * (1.0 + y2 * (-1.0 / 3 + y2 * (2.0 / 15 + y2 * (-17.0 / 315 + y2 * (62.0 / 2835)))))
+    return tl.where(tl.abs(y) < 0.25, series, r), 4.0 * t * inv * inv
+
+
+@triton.jit
 def tanh_f32(y):
-    """tanh in fp32 from one exp: 1 - 2 / (e^(2y) + 1) is exactly +-1 at +-inf and never
-    NaN for finite y (tl has no tanh the interpreter runs as well)."""
-    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+    th, _ = tanh_and_sech2(y)
+    return th
 
 
 def head_args(inv_temp: float, softcap: float | None, logit_scale: float):
@@ -196,7 +213,7 @@ def _token_logprobs_bwd_kernel(
         idx = start + cols
         z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
         if SOFTCAP:
-            th = tanh_f32(z * pre)
+            th, sech2 = tanh_and_sech2(z * pre)
             z = tl.where(idx < V, cap * th, float("-inf"))
         z = z * inv_temp
         log_p = z - lse
@@ -207,7 +224,7 @@ def _token_logprobs_bwd_kernel(
             d -= g_h * tl.where(p > 0, p * (log_p + h), 0.0)
         d = d * inv_temp
         if SOFTCAP:  # d x / d logits = scale * (1 - tanh^2), scale = cap * pre
-            d = d * ((cap * pre) * (1.0 - th * th))
+            d = d * ((cap * pre) * sech2)
         if ROUND_BF16:
             d = round_to_bf16(d)
         tl.store(dbase + idx, d.to(dlogits_ptr.dtype.element_ty), mask=idx < V_total)

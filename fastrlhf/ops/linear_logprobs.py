@@ -22,7 +22,8 @@ Vb vocabulary columns, the logits are recomputed and turned into
     db[block] = dlogits.sum(0)
 
 With a soft-cap, dlogits is further multiplied by d head / dx = logit_scale * (1 - tanh^2)
-(tanh recovered from the recomputed z), so dH / dW are w.r.t. the raw logits.
+(head_slope: 4t / (1 + t)^2, no cancellation where tanh saturates), so dH / dW are
+w.r.t. the raw logits.
 
 Exact up to rounding (no gradient filtering). Extra memory: O(N * H) float32 for dH and
 one [N, Vb] block, with Vb chosen so the block stays near a fixed size whatever V is.
@@ -54,6 +55,7 @@ from fastrlhf.ops._checks import (
 from fastrlhf.ops._labels import label_masks
 from fastrlhf.ops._library import fused_op, resolve_impl
 from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
+from fastrlhf.ops.reference.logprobs import head_slope
 
 _LOW = (torch.float16, torch.bfloat16)
 # Elements of one [N, Vb] block. torch path: float32 logits plus ~3 temporaries of that
@@ -181,11 +183,13 @@ def _dlogits_torch(
     # matmul. Scaling g (O(N)) by 1/T up front makes dz below dlogits directly.
     inv_temp, cap, pre = head
     g = g * inv_temp
-    z = _block_logits(h, weight, bias, v_lo, v_hi, head)  # [N, Vb]
-    # d head / dx = scale * (1 - tanh^2), tanh recovered from z before z is reused
-    head_grad = (
-        None if cap is None else (z / (cap * inv_temp)).square_().neg_().add_(1).mul_(cap * pre)
-    )
+    head_grad = None
+    if cap is None:
+        z = _block_logits(h, weight, bias, v_lo, v_hi, head)  # [N, Vb]
+    else:  # d head / dx = scale * (1 - tanh^2), from the raw logits (head_slope)
+        x = _block_logits(h, weight, bias, v_lo, v_hi, (1.0, None, 1.0))  # [N, Vb] raw
+        head_grad = head_slope(x, cap, cap * pre)
+        z = x.mul_(pre).tanh_().mul_(cap * inv_temp)
     logp = z.sub_(lse[:, None])  # [N, Vb]
     p = logp.exp()  # [N, Vb]
     if g_ent is not None:

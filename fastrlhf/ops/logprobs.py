@@ -38,7 +38,11 @@ from fastrlhf.ops._checks import (
 )
 from fastrlhf.ops._labels import entropy_of, label_masks, masked_logp
 from fastrlhf.ops._library import fused_op, resolve_impl
-from fastrlhf.ops.reference.logprobs import head_transform, token_logprobs_reference
+from fastrlhf.ops.reference.logprobs import (
+    head_slope,
+    head_transform,
+    token_logprobs_reference,
+)
 
 _CHUNK_ELEMS = 1 << 22  # rows per chunk of the PyTorch path = max(1, this // V)
 
@@ -89,13 +93,10 @@ def _scaled(x: torch.Tensor, compute: torch.dtype, temperature: float, head) -> 
     return z if temperature == 1.0 else z / temperature
 
 
-def _head_grad(z: torch.Tensor, temperature: float, head) -> torch.Tensor | float:
-    """d(head(x)) / dx from z = head(x) / T: scale, or scale * (1 - tanh^2) with a cap."""
+def _head_grad(x: torch.Tensor, compute: torch.dtype, head) -> torch.Tensor | float:
+    """d(head(x)) / dx: scale, or scale * (1 - tanh^2) with a cap (``head_slope``)."""
     softcap, scale = head
-    if softcap is None:
-        return scale
-    th = z * (temperature / softcap)  # tanh(x * scale / softcap), recovered from z
-    return th.square_().neg_().add_(1.0).mul_(scale)
+    return scale if softcap is None else head_slope(x.to(compute), softcap, scale)
 
 
 def _torch_fwd(logits, layout, labels, temperature, ignore_index, vocab_size, return_entropy,
@@ -139,7 +140,7 @@ def _torch_bwd(
     for b, t0, t1 in _row_chunks(n, v_total, t_inner):
         r0, r1 = b * t_inner + t0, b * t_inner + t1
         z = _scaled(rows[b, t0:t1, :vocab_size], compute, temperature, head)  # [C, V']
-        head_grad = _head_grad(z, temperature, head)  # before z is reused
+        head_grad = _head_grad(rows[b, t0:t1, :vocab_size], compute, head)
         log_p = z - lse[r0:r1].unsqueeze(1)  # [C, V'], chunk-bounded
         ignored, bad, safe = label_masks(labels[r0:r1], ignore_index, vocab_size)
         g = masked_logp(grad_logp[r0:r1].to(compute), ignored, bad)

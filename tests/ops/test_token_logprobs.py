@@ -304,3 +304,83 @@ def test_forward_allocates_no_vocab_sized_tensor_on_gpu():
     token_logprobs(logits, labels, return_entropy=True, validate=False)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 1 << 20
+
+
+# Post-head transforms (HF's order: scale, then softcap * tanh(. / softcap), then the
+# temperature): Gemma2/3's final soft-cap, Cohere's logit_scale, Granite's 1/logits_scaling.
+HEADS = [(30.0, 1.0), (None, 0.125), (5.0, 2.0)]
+
+
+@pytest.mark.parametrize("softcap,scale", HEADS)
+@pytest.mark.parametrize(
+    "v,shape,dtype",
+    [(3000, (3, 5), torch.bfloat16), (50257, (3,), torch.float32), (151936, (2,), torch.float32)],
+)
+def test_softcap_and_scale_match_reference(lp_op, device, softcap, scale, v, shape, dtype):
+    # logits of size ~40: the cap bends them (tanh(40/30) = 0.87), unlike random-init ones
+    logits = (torch.randn(*shape, v, device=device) * 40).to(dtype)
+    labels = torch.randint(0, v, shape, device=device)
+    labels.view(-1)[0] = -100
+    head = dict(softcap=softcap, logit_scale=scale)
+    g_lp, g_h = torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    def run(x, fn):
+        x = x.detach().requires_grad_(True)
+        lp, h = fn(x, labels, 0.7, return_entropy=True, **head)
+        ((lp * g_lp).sum() + (h * g_h).sum()).backward()
+        return lp, h, x.grad
+
+    ours = run(logits, lp_op)
+    ref = run(logits.double(), token_logprobs_reference)
+    same = run(logits, token_logprobs_reference)
+    for name, o, r, s in zip(("logp", "entropy", "dlogits"), ours, ref, same):
+        assert_close_to_reference(o, r, s, atol=2e-5 if name != "dlogits" else 1e-6, name=name)
+    # the transform matters: without it the log-probs differ
+    plain = token_logprobs_reference(logits.double(), labels, 0.7)
+    assert (plain - ref[0]).abs().max() > 1e-2
+
+
+def test_softcap_reference_is_hf_formula(device):
+    # the float64 reference against the transform written out (HF's Gemma2 / Cohere code)
+    x = torch.randn(4, 50, dtype=torch.float64, device=device) * 30
+    labels = torch.randint(0, 50, (4,), device=device)
+    z = torch.tanh(x * 0.5 / 7.0) * 7.0 / 0.8
+    want = torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+    got = token_logprobs_reference(x, labels, 0.8, softcap=7.0, logit_scale=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_softcap_gradcheck_float64(device):
+    logits = torch.randn(3, 2, 7, dtype=torch.float64, device=device) * 5
+    logits.requires_grad_(True)
+    labels = torch.tensor([[1, -100], [5, 0], [2, 4]], device=device)
+
+    def fn(x):
+        return token_logprobs(x, labels, 0.7, return_entropy=True, vocab_size=6,
+                              softcap=3.0, logit_scale=1.5)  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_softcap_masked_vocabulary_and_padding(lp_op, device):
+    # a -inf logit becomes -softcap (as in HF); padded columns stay out of the softmax
+    logits = torch.randn(3, 40, device=device) * 10
+    logits[0, 5:] = float("-inf")
+    labels = torch.tensor([2, 7, -100], device=device)
+    lp, h = lp_op(logits, labels, return_entropy=True, vocab_size=30, softcap=4.0)
+    ref_lp, ref_h = token_logprobs_reference(
+        logits.double(), labels, return_entropy=True, vocab_size=30, softcap=4.0
+    )
+    assert_close(lp, ref_lp, atol=1e-5)
+    assert_close(h, ref_h, atol=1e-5)
+
+
+def test_bad_softcap_or_scale_raises(device):
+    logits = torch.randn(2, 10, device=device)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="softcap"):
+        token_logprobs(logits, labels, softcap=0.0)
+    with pytest.raises(ValueError, match="logit_scale"):
+        token_logprobs(logits, labels, logit_scale=-1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        token_logprobs(logits, labels, softcap="30")

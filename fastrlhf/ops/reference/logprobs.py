@@ -41,6 +41,14 @@ def head_transform(
     return z if softcap is None else torch.tanh(z / softcap) * softcap
 
 
+def head_slope(logits: torch.Tensor, softcap: float, logit_scale: float = 1.0) -> torch.Tensor:
+    """d head_transform / d logits with a cap: scale * (1 - tanh^2(y)), y = logits * scale /
+    softcap, as scale * 4t / (1 + t)^2 with t = e^(-2|y|): no cancellation where tanh
+    rounds to +-1 (1 - th^2 would be 0 there). Used by the ops' PyTorch backward paths."""
+    t = (logits * (-2.0 * logit_scale / softcap)).abs_().neg_().exp_()  # e^(-2|y|)
+    return t.div_((t + 1.0).square_()).mul_(4.0 * logit_scale)
+
+
 def token_logprobs_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
