@@ -346,7 +346,7 @@ def test_backward_accumulates_dhidden_in_place(impl, monkeypatch):
     monkeypatch.setattr(ll, "_TRITON_BLOCK_ELEMS", 256 * 40)
     n, h, v = 40, 24, 1000  # four vocabulary blocks of 256 columns
     hidden, weight, labels, b = _inputs(n, h, v, torch.float32, device=DEV[impl])
-    _, ent, lse = ll._op(hidden, weight, labels, b, 1.0, -100, v, False, impl)
+    _, ent, lse = ll._op(hidden, weight, labels, b, 1.0, -100, v, False, impl, None, 1.0)
     g = torch.ones(n, device=hidden.device)
 
     class Storages(TorchDispatchMode):
