@@ -165,3 +165,34 @@ def test_linear_vocab_kl_bad_input_is_named():
         linear_vocab_kl(hid, w, hid_r, w_r, ref_bias=b_r[:3])
     with pytest.raises(ValueError, match="impl"):
         linear_vocab_kl(hid, w, hid_r, w_r, impl="triton")
+
+
+def test_ops_trace_with_fullgraph_compile():
+    """Both ops are torch.library custom ops with fakes: aot_eager traces forward and
+    backward through them without a graph break (validate=False: no host reads)."""
+    hid, w, b, hid_r, w_r, b_r = _linear_inputs(5, 8, 70)
+
+    def step(h, w):
+        kl = linear_vocab_kl(h, w, hid_r, w_r, bias=b, ref_bias=b_r, validate=False, softcap=3.0)
+        kl2 = vocab_kl(h @ w.t(), hid_r @ w_r.t(), direction="policy||ref", validate=False)
+        return (kl + kl2).sum()
+
+    def grads(fn):
+        h, ww = hid.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(h, ww)
+        out.backward()
+        return out.detach(), h.grad, ww.grad
+
+    compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    eager = grads(step)
+    for name, c, e in zip(("loss", "dhidden", "dweight"), compiled, eager):
+        assert_close(c, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+def test_opcheck():
+    x, r = _logits(4, 30)
+    torch.library.opcheck(vk._vocab_kl_op, (x.requires_grad_(), r, 0.9, True))
+    hid, w, b, hid_r, w_r, b_r = _linear_inputs(4, 8, 40)
+    args = (hid.requires_grad_(), w.requires_grad_(), hid_r, w_r, b.requires_grad_(), b_r,
+            1.1, False, 2.0, 1.5)  # fmt: skip
+    torch.library.opcheck(vk._linear_op, args)
