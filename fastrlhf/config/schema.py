@@ -156,14 +156,16 @@ class RMConfig:
 
 @dataclass
 class DPOConfig:
-    kind: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
-    # sigmoid/hinge: inverse temperature; ipo: 1/(2 beta) is the target margin;
+    kind: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "tdpo1", "tdpo2"] = "sigmoid"
+    # sigmoid/hinge/tdpo*: inverse temperature; ipo: 1/(2 beta) is the target margin;
     # simpo: scale of the length-normalised reward; orpo: weight of the odds-ratio term
     beta: float = 0.1
     # sigmoid and simpo only: probability that a preference label is flipped
     label_smoothing: float = 0.0
     # SimPO's target reward margin
     gamma: float = 0.5
+    # TDPO2's weight of the sequential-KL difference (tdpo1 has none)
+    alpha: float = 0.5
     # "precompute": one pass over the data before training; "online": each step
     reference: Literal["precompute", "online"] = "precompute"
     # reference weights; null = the policy's initial weights (model.name_or_path)

@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "unpack_to_padded": "advantages",
     "group_advantages": "advantages",
     "linear_token_logprobs": "linear_logprobs",
+    "vocab_kl": "divergence",
+    "linear_vocab_kl": "divergence",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # The choices of the loss ops' string arguments (the ops and their references check them).
 KL_KINDS = ("k1", "abs", "k2", "k3", "k1+st", "abs+st", "k2+st", "k3+st")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "tdpo1", "tdpo2")
 
 
 def describe(t: torch.Tensor) -> str:

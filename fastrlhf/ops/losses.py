@@ -394,6 +394,9 @@ def dpo_loss(
     gamma: float = 0.5,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    chosen_seq_kl: torch.Tensor | None = None,
+    rejected_seq_kl: torch.Tensor | None = None,
+    alpha: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Preference loss over a batch of [B] summed response log-probs; returns (loss, metrics).
 
@@ -408,6 +411,11 @@ def dpo_loss(
         orpo:    -a_c + beta * -logsigmoid(log odds(a_c) - log odds(a_r)), with
                  log odds(a) = a - log(1 - e^a); -a_c is the chosen response's
                  per-token NLL and beta plays ORPO's lambda.
+    TDPO (Zeng et al. 2024) with u = beta h and D = chosen_seq_kl / rejected_seq_kl, the
+    sequential KL(pi_ref || pi_theta) summed over each response's tokens (``vocab_kl``):
+        tdpo1:   -logsigmoid(u - (beta D_rejected - beta D_chosen))
+        tdpo2:   -logsigmoid(u - alpha (beta D_rejected - sg(beta D_chosen)))
+    (metrics add seq_kl_chosen and seq_kl_rejected).
     The loss is the batch mean. Metrics (detached batch means): chosen_rewards,
     rejected_rewards (beta * (policy - ref), or beta * a for simpo/orpo),
     reward_accuracy, margins.
@@ -439,6 +447,14 @@ def dpo_loss(
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)  # fmt: skip
     if not beta > 0:
         raise ValueError(f"beta must be > 0; got {beta}")
+    tdpo = kind in ("tdpo1", "tdpo2")
+    if tdpo:
+        for name, t in (("chosen_seq_kl", chosen_seq_kl), ("rejected_seq_kl", rejected_seq_kl)):
+            if t is None:
+                raise ValueError(f"kind={kind!r} needs {name} (sequential KL per response, [B])")
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1)
+        _check_shapes(policy_chosen_logp=policy_chosen_logp, chosen_seq_kl=chosen_seq_kl,
+                      rejected_seq_kl=rejected_seq_kl)  # fmt: skip
 
     eps = label_smoothing
     smoothed = lambda z: -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
@@ -462,6 +478,10 @@ def dpo_loss(
             losses = smoothed(beta * h)
         elif kind == "ipo":
             losses = (h - 1.0 / (2.0 * beta)).square()
+        elif tdpo:
+            d_c, d_r = beta * chosen_seq_kl, beta * rejected_seq_kl
+            delta = d_r - d_c if kind == "tdpo1" else alpha * (d_r - d_c.detach())
+            losses = -F.logsigmoid(beta * h - delta)
         else:
             losses = F.relu(1.0 - beta * h)
     chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
@@ -471,4 +491,7 @@ def dpo_loss(
         "reward_accuracy": (chosen_r > rejected_r).to(chosen_r.dtype).mean(),
         "margins": (chosen_r - rejected_r).mean(),
     }
+    if tdpo:
+        metrics["seq_kl_chosen"] = chosen_seq_kl.detach().mean()
+        metrics["seq_kl_rejected"] = rejected_seq_kl.detach().mean()
     return losses.mean(), metrics

@@ -8,13 +8,18 @@ response tokens, logp(y|x) = sum_t log pi(y_t | x, y_<t), from the fused lm_head
     hinge    max(0, 1 - b h)
     simpo    the sigmoid loss on b (avg_c - avg_r) - gamma    (avg = logp / response length)
     orpo     -avg_c - b log s(log odds(avg_c) - log odds(avg_r))
+    tdpo1/2  TDPO: the sigmoid loss on b h - (b D_r - b D_c) (tdpo2: a (b D_r - sg(b D_c))),
+             D = the sequential KL(pi_ref || pi_theta) of a response, from
+             ``ops.linear_vocab_kl`` on the policy's and the reference's hidden states
 
 (the formulas live in ``fastrlhf.ops.dpo_loss``; this file only feeds it). simpo and orpo
 need no reference model, so none is loaded. Otherwise reference log-probs come either
 from one pass over the data before training (``dpo.reference=precompute``: the reference
 model is freed afterwards and the numbers are cached in the run directory) or from a
 no-grad forward of the reference each step (``online``). With a LoRA policy and no
-``dpo.ref_model``, the reference is the same module with its adapter disabled.
+``dpo.ref_model``, the reference is the same module with its adapter disabled. The TDPO
+kinds always run the reference online: they need its hidden states at every response
+token ([R, H] per step), which are recomputed by a no-grad forward instead of cached.
 
 Metrics per pair: rewards r = b (logp - ref) (b avg for the reference-free kinds),
 chosen and rejected rewards, their margin and the reward accuracy P(r_c > r_r).
@@ -48,6 +53,7 @@ from fastrlhf.trainers.reporting import progress
 from fastrlhf.trainers.supervised import MicroBatch, SupervisedStage
 
 REFERENCE_FREE = ("simpo", "orpo")
+TDPO = ("tdpo1", "tdpo2")
 
 
 class DPOStage(SupervisedStage):
@@ -81,7 +87,7 @@ class DPOStage(SupervisedStage):
             for stale in Path(cfg.run_dir).glob("reference_logps_*.safetensors"):
                 stale.unlink()
         barrier(self.ctx)  # no rank reads a cache that is being removed
-        if self.needs_ref and cfg.dpo.reference == "precompute":
+        if self.needs_ref and cfg.dpo.reference == "precompute" and cfg.dpo.kind not in TDPO:
             self.ref_tables = {
                 "train": self._reference_table("train", self.train_pairs),
                 "eval": self._reference_table("eval", self.eval_pairs),
@@ -112,6 +118,37 @@ class DPOStage(SupervisedStage):
         """[P, 2] summed response log-probs (chosen, rejected) under ``model``."""
         logp = response_logprobs(model, mb.batch, mb.extra["index"])  # [n]
         return sequence_sums(logp, mb.extra["index"], mb.batch.num_seqs).view(-1, 2)
+
+    def _tdpo_terms(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[P, 2] policy log-probs, reference log-probs and sequential KL(ref || policy).
+
+        One policy forward (with grad) and one no-grad reference forward; the KL goes
+        through ``linear_vocab_kl`` on the [R, H] hidden states, never [R, V] logits.
+        """
+        from fastrlhf.ops import linear_vocab_kl
+
+        index, b = mb.extra["index"], mb.batch
+
+        def hidden_and_logps(model):
+            hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            h = hidden.index_select(0, index.positions)  # [R, H]
+            seq = sequence_sums(model.token_logprobs(h, index.labels), index, b.num_seqs)
+            return h, seq.view(-1, 2)
+
+        h, logps = hidden_and_logps(self.policy)
+        with torch.no_grad(), reference_model(self.policy, self.ref) as ref:
+            with self.forward_context():
+                h_r, ref_logps = hidden_and_logps(ref)
+            w_r, b_r = _head(ref, h_r)
+        w, bias = _head(self.policy, h)
+        t = self.policy.head
+        kl = linear_vocab_kl(
+            h, w, h_r.to(h.dtype), w_r.to(h.dtype), bias=bias,
+            ref_bias=b_r.to(h.dtype) if b_r is not None else None,
+            softcap=t.softcap, logit_scale=t.scale, validate=False,
+        )  # fmt: skip
+        seq_kl = sequence_sums(kl, index, b.num_seqs).view(-1, 2)
+        return logps, ref_logps, seq_kl
 
     def _reference_logps(self, mb: MicroBatch) -> torch.Tensor:
         """[P, 2] reference log-probs: from the precomputed table, or a no-grad forward."""
@@ -167,9 +204,13 @@ class DPOStage(SupervisedStage):
         from fastrlhf.ops import dpo_loss
 
         d = self.cfg.dpo
-        logps = self._seq_logps(self.policy, mb).float()  # [P, 2]
         lens = mb.extra["lengths"]  # [P, 2]
-        ref = self._reference_logps(mb).float() if self.needs_ref else None
+        seq_kl = None
+        if d.kind in TDPO:
+            logps, ref, seq_kl = (x.float() for x in self._tdpo_terms(mb))
+        else:
+            logps = self._seq_logps(self.policy, mb).float()  # [P, 2]
+            ref = self._reference_logps(mb).float() if self.needs_ref else None
         loss, _ = dpo_loss(
             logps[:, 0],
             logps[:, 1],
@@ -181,14 +222,20 @@ class DPOStage(SupervisedStage):
             chosen_lengths=lens[:, 0],
             rejected_lengths=lens[:, 1],
             gamma=d.gamma,
+            chosen_seq_kl=seq_kl[:, 0] if seq_kl is not None else None,
+            rejected_seq_kl=seq_kl[:, 1] if seq_kl is not None else None,
+            alpha=d.alpha,
         )
         with torch.no_grad():
             rewards = d.beta * (logps - ref if ref is not None else logps / lens)  # [P, 2]
-        return loss * mb.units, rewards  # the op's mean over the P pairs -> their sum
+        sums = _reward_sums(rewards)
+        if seq_kl is not None:
+            sums["seq_kl_chosen"] = seq_kl[:, 0].detach().sum()
+            sums["seq_kl_rejected"] = seq_kl[:, 1].detach().sum()
+        return loss * mb.units, sums  # the op's mean over the P pairs -> their sum
 
     def loss_sum(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, rewards = self._loss_and_rewards(mb)
-        return loss, _reward_sums(rewards)
+        return self._loss_and_rewards(mb)
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_pairs:
@@ -201,19 +248,28 @@ class DPOStage(SupervisedStage):
         for g in progress(groups, "dpo eval", self.cfg.train.progress_bar):
             mb = self._micro([pairs[i] for i in g], g, "eval")
             with self.forward_context():
-                loss, rewards = self._loss_and_rewards(mb)
-            sums = {"loss": loss.detach(), **_reward_sums(rewards)}
+                loss, metric_sums = self._loss_and_rewards(mb)
+            sums = {"loss": loss.detach(), **metric_sums}
             for k, v in sums.items():
                 total[k] = total.get(k, 0.0) + float(v)
         return {k: v / len(pairs) for k, v in total.items()}
 
     def flops_per_token(self) -> float:
         n = matmul_params(self.policy)
-        online = self.needs_ref and not self.ref_tables
+        online = self.needs_ref and not self.ref_tables  # (always so for the TDPO kinds)
         return (6.0 + (2.0 if online else 0.0)) * n
 
     def save_model(self, path: Path) -> None:
         self.policy.save_pretrained(path)
+
+
+def _head(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's lm_head (weight [V, H], bias [V]) over its vocabulary in use, cast to
+    the hidden states' dtype as the model's own token_logprobs does."""
+    v = model.vocab_size
+    weight, bias = model.lm_head_weight[:v], model.lm_head_bias
+    bias = bias[:v].to(hidden.dtype) if bias is not None else None
+    return weight.to(hidden.dtype), bias
 
 
 def _reward_sums(rewards: torch.Tensor) -> dict[str, torch.Tensor]:

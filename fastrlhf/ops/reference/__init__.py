@@ -14,6 +14,7 @@ from fastrlhf.ops.reference.advantages import (
     packed_gae_reference,
     padded_gae_reference,
 )
+from fastrlhf.ops.reference.divergence import linear_vocab_kl_reference, vocab_kl_reference
 from fastrlhf.ops.reference.linear_logprobs import linear_token_logprobs_reference
 from fastrlhf.ops.reference.logprobs import token_logprobs_reference
 from fastrlhf.ops.reference.losses import (
@@ -30,10 +31,12 @@ __all__ = [
     "group_advantages_reference",
     "kl_penalty_reference",
     "linear_token_logprobs_reference",
+    "linear_vocab_kl_reference",
     "masked_whiten_reference",
     "packed_gae_reference",
     "padded_gae_reference",
     "ppo_policy_loss_reference",
     "token_logprobs_reference",
     "value_loss_reference",
+    "vocab_kl_reference",
 ]

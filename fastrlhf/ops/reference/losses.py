@@ -217,6 +217,9 @@ def dpo_loss_reference(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     gamma: float = 0.5,
+    chosen_seq_kl: torch.Tensor | None = None,
+    rejected_seq_kl: torch.Tensor | None = None,
+    alpha: float = 0.5,
 ) -> torch.Tensor:
     """Mean preference loss over the batch, written from the papers' formulas.
 
@@ -243,6 +246,12 @@ def dpo_loss_reference(
         losses = (h - 1 / (2 * beta)) ** 2
     elif kind == "hinge":
         losses = F.relu(1 - beta * h)
+    elif kind == "tdpo1":
+        losses = -log_sig(beta * h - (beta * rejected_seq_kl - beta * chosen_seq_kl))
+    elif kind == "tdpo2":
+        # sg(): the chosen response's KL enters the value, not the gradient
+        sg_c = beta * chosen_seq_kl.detach()
+        losses = -log_sig(beta * h - alpha * (beta * rejected_seq_kl - sg_c))
     else:
         raise ValueError(f"kind must be one of {DPO_KINDS}; got {kind!r}")
     return losses.mean()
