@@ -176,26 +176,36 @@ def encode_state(obj: Any) -> Any:
     raise TypeError(f"encode_state: cannot store a {type(obj).__name__} (not plain data)")
 
 
-def decode_state(data: Any, where: str = "state") -> Any:
+# Deeper than any state this project writes (an optimizer state is about 5 levels). An
+# explicit bound, not Python's recursion limit, which torch.compile raises at run time.
+MAX_STATE_DEPTH = 64
+
+
+def decode_state(data: Any, where: str = "state", depth: int = 0) -> Any:
     """Inverse of ``encode_state``; ``CheckpointError`` naming ``where`` on bad input."""
     if data is None or isinstance(data, (bool, int, float, str)):
         return data
+    if depth >= MAX_STATE_DEPTH:
+        raise CheckpointError(f"{where}: state nested too deeply (over {MAX_STATE_DEPTH} levels)")
+    d = depth + 1
     if isinstance(data, list):
-        return [decode_state(v, where) for v in data]
+        return [decode_state(v, where, d) for v in data]
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: unexpected {type(data).__name__} in state")
     if len(data) == 1 and next(iter(data)) in _TAGS:
         tag, value = next(iter(data.items()))
         if tag == "__tuple__" and isinstance(value, list):
-            return tuple(decode_state(v, where) for v in value)
+            return tuple(decode_state(v, where, d) for v in value)
         if tag == "__items__" and isinstance(value, list):
             if not all(isinstance(kv, list) and len(kv) == 2 for kv in value):
                 raise CheckpointError(f"{where}: malformed __items__ entry")
-            return {_key(decode_state(k, where), where): decode_state(v, where) for k, v in value}
+            return {
+                _key(decode_state(k, where, d), where): decode_state(v, where, d) for k, v in value
+            }
         if tag == "__tensor__" and isinstance(value, dict):
             return _decode_tensor(value, where)
         raise CheckpointError(f"{where}: malformed {tag} entry")
-    return {k: decode_state(v, where) for k, v in data.items()}
+    return {k: decode_state(v, where, d) for k, v in data.items()}
 
 
 def _key(k: Any, where: str) -> Any:

@@ -82,9 +82,9 @@ def test_opcheck_every_fused_op(device):
         (ops.value_loss.default, (x, r, r, mask, None, 7, 1, 0.2, 0)),
     ]  # fmt: skip
     for impl in ("triton", "torch"):
-        cases.append(
-            (ops.token_logprobs.default, (logits, labels, 0.7, -100, 45, True, False, impl))
-        )
+        for softcap, scale in ((None, 1.0), (5.0, 0.5)):  # no head transform; cap and scale
+            args = (logits, labels, 0.7, -100, 45, True, False, impl, softcap, scale)
+            cases.append((ops.token_logprobs.default, args))
     for op, args in cases:
         torch.library.opcheck(op, args)
 
