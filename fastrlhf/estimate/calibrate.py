@@ -2,7 +2,7 @@
 
     python -m fastrlhf.estimate.calibrate [--model Qwen2.5-0.5B] [--out FILE] [key=value ...]
 
-Runs ``PPOTrainer.iteration`` (generate -> score -> train, the trainer's own code) with
+Runs ``PPOStage.iteration`` (generate -> score -> train, the trainer's own code) with
 randomly initialised models of the given shape (nothing is downloaded) for fused ops on
 and off, reads each phase's peak from the trainer (``memory/<phase>_peak_gb``: the CUDA
 peak, reset at phase entry) at the second iteration (optimizer states then exist, as the
@@ -40,8 +40,8 @@ def _models(cfg, hf_cfg, device):
 
     from fastrlhf.models import PolicyModel, ValueModel
     from fastrlhf.models.attention import resolve_attn_impl
-    from fastrlhf.trainers.common import frozen
-    from fastrlhf.trainers.ppo import RLModels
+    from fastrlhf.trainers.loading import frozen
+    from fastrlhf.trainers.rl_models import RLModels
 
     impl = resolve_attn_impl(cfg.model.attn_impl)
     dtype = {"auto": "float32"}.get(cfg.model.dtype, cfg.model.dtype)
@@ -56,10 +56,11 @@ def _models(cfg, hf_cfg, device):
         m.config.use_cache = False
         return m.to(device)
 
+    ppo = cfg.ppo.for_stage(cfg.stage)  # kind may be null until resolved
     policy = PolicyModel(lm())
-    reference = frozen(copy.deepcopy(policy)) if cfg.ppo.uses_reference else None
+    reference = frozen(copy.deepcopy(policy)) if ppo.uses_reference else None
     reward = frozen(ValueModel(backbone()))
-    critic = ValueModel(backbone()) if cfg.ppo.kind == "ppo" else None
+    critic = ValueModel(backbone()) if ppo.kind == "ppo" else None
     return RLModels(policy, reference, reward, critic=critic)
 
 
@@ -68,7 +69,7 @@ def measure(cfg, hf_cfg, device) -> dict[str, float]:
     import torch
 
     from fastrlhf.data.batch import PromptItem
-    from fastrlhf.trainers.ppo import PPOTrainer
+    from fastrlhf.trainers.ppo import PPOStage
 
     g = torch.Generator().manual_seed(0)
     vocab, plen = int(hf_cfg.vocab_size), cfg.data.max_prompt_length
@@ -76,7 +77,7 @@ def measure(cfg, hf_cfg, device) -> dict[str, float]:
         PromptItem(torch.randint(1, vocab, (plen,), generator=g).tolist(), text="")
         for _ in range(cfg.ppo.rollout_batch_size)
     ]
-    trainer = PPOTrainer(cfg, cfg.ppo, models=_models(cfg, hf_cfg, device), prompts=prompts)
+    trainer = PPOStage(cfg, cfg.ppo, models=_models(cfg, hf_cfg, device), prompts=prompts)
     host = {}
     for step in (1, 2):
         _, host = trainer.iteration(step)

@@ -120,7 +120,7 @@ def estimate_attention_forward(
       ``cat``. With float32 master weights RoPE makes Q and K float32, so this is the
       path the trainer's default (``model.dtype: auto`` + autocast) takes.
     """
-    from fastrlhf.models.attention import _expand_kv
+    from fastrlhf.models.attention_paths import _expand_kv
 
     half = (torch.float16, torch.bfloat16)
     if query.dtype in half and FLASH_ATTN["installed"]:

@@ -43,7 +43,7 @@ class Workload:
 def workload(cfg: RunConfig) -> Workload:
     d, budget = cfg.data, cfg.train.micro_batch_tokens
     if cfg.stage in RL_STAGES:
-        ppo = cfg.ppo
+        ppo = cfg.ppo.for_stage(cfg.stage)  # n_samples may be null until resolved
         L = d.max_prompt_length + ppo.max_new_tokens
         B = ppo.rollout_batch_size * ppo.n_samples
         per_chunk = max(1, min(B, budget // L))  # consecutive_chunks: <= budget tokens
@@ -76,7 +76,7 @@ class Models:
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
-    from fastrlhf.trainers.common import weights_dtype
+    from fastrlhf.trainers.loading import weights_dtype
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         weights_dtype(cfg.model)
@@ -133,7 +133,7 @@ def _policy(cfg: RunConfig, hf_cfg, trainable: bool, fake: bool):
         enable_gradient_checkpointing(lm)
     policy = _materialise(PolicyModel(lm, vocab_size=int(hf_cfg.vocab_size)), fake)
     if not trainable:
-        from fastrlhf.trainers.common import frozen
+        from fastrlhf.trainers.loading import frozen
 
         policy = frozen(policy)
     return policy
@@ -149,7 +149,7 @@ def _value(cfg: RunConfig, hf_cfg, trainable: bool, fake: bool):
         enable_gradient_checkpointing(backbone)
     model = _materialise(ValueModel(backbone), fake)
     if not trainable:
-        from fastrlhf.trainers.common import frozen
+        from fastrlhf.trainers.loading import frozen
 
         model = frozen(model)
     return model
@@ -158,7 +158,7 @@ def _value(cfg: RunConfig, hf_cfg, trainable: bool, fake: bool):
 def build_models(cfg: RunConfig, hf_cfg, value_cfg=None, *, fake: bool = True) -> Models:
     """The modules a ``cfg.stage`` run keeps, with optimizer states (call under the fake
     mode when ``fake``). ``value_cfg``: the reward model / critic shape (default: hf_cfg)."""
-    from fastrlhf.trainers.loop import build_optimizer
+    from fastrlhf.trainers.optim import build_optimizer
 
     if cfg.model.lora_rank:
         raise ValueError("model.lora_rank > 0: the estimate covers full fine-tuning only")
@@ -167,7 +167,7 @@ def build_models(cfg: RunConfig, hf_cfg, value_cfg=None, *, fake: bool = True) -
     if stage != "rm":
         m.policy = _policy(cfg, hf_cfg, True, fake)
     if stage in RL_STAGES:
-        ppo = cfg.ppo
+        ppo = cfg.ppo.for_stage(cfg.stage)  # kind may be null until resolved
         if ppo.uses_reference:
             m.reference = _policy(cfg, hf_cfg, False, fake)
         if ppo.reward_fn is None:  # a reward model unless a reward function is named

@@ -5,14 +5,19 @@ gradients were dropped) and is measured with ``measure.tracked``, which counts t
 and optimizers resident in that phase from the start:
 
 - generate (RL): the decode loop of ``fastrlhf.rollout.generate`` (padded prefill into a
-  ``ReusableKVCache``, then decode steps: fp32 logits of the last position with the
-  policy's head, ``sample_next_token``, one decoder step), weights at their own dtype,
-  autocast off, as ``generate`` does. The host syncs of the real loop (EOS checks,
-  packing) cannot run on fake tensors, so this mirror keeps only their allocations.
+  ``ReusableKVCache`` and its ``DecodeState``, then one ``decode.decode_step``, the
+  trainer's own step: decoder step, fp32 logits with the policy's head, the draw, the
+  bookkeeping), weights at their own dtype, autocast off, as ``generate`` does, with the
+  batch padded to a power of two when the step is compiled (``rollout.compile``, "auto":
+  on for CUDA). The host syncs of the real loop (EOS checks, packing) cannot run on fake
+  tensors, so this mirror keeps only their allocations. Not modelled: the private memory
+  pool of the step's CUDA graph (about one eager step's intermediates, held through the
+  rollout; released with the cache unless ``memory_reuse``).
 - score (RL): one chunk of ``train.micro_batch_tokens`` through each scoring forward:
-  ``ppo.response_logprobs`` of the policy and of the reference, the critic's values,
+  ``logprobs.response_logprobs`` of the policy and of the reference, the critic's values
+  (``RolloutScoring._values``),
   ``reward_model_scores``, under the trainer's autocast and ``no_grad``.
-- train: two micro-batches through ``PPOTrainer.micro_losses`` (SFT / DPO / RM: their
+- train: two micro-batches through ``PolicyUpdate.micro_losses`` (SFT / DPO / RM: their
   loss on the same log-prob path) and ``backward`` (the second adds into existing
   gradients), then the clipping and ``optimizer.step`` of the trainer.
 
@@ -48,7 +53,7 @@ def _autocast(cfg: RunConfig):
 def _packed(n_seqs: int, seq_len: int, loss_len: int, vocab: int):
     """An Experience-shaped namespace: n_seqs sequences of seq_len tokens whose last
     loss_len positions predict a token (values are placeholders: only shapes matter)."""
-    from fastrlhf.trainers.rewards import Experience
+    from fastrlhf.trainers.experience import Experience
 
     n, r = n_seqs * seq_len, n_seqs * loss_len
     cu = torch.arange(n_seqs + 1, dtype=torch.int32) * seq_len
@@ -93,44 +98,26 @@ def _resident(cfg: RunConfig, m: Models, phase: str) -> list:
 # ---------------------------------------------------------------------------- generate
 
 
-def _decode_step(parts, hidden, tokens, attn, lens, P: int, t: int, cache, gen, keys):
-    from fastrlhf.rollout.generate import _logits_fp32
-    from fastrlhf.rollout.sampling import sample_next_token
-
-    token, lp = sample_next_token(
-        _logits_fp32(hidden, parts.weight, parts.bias),
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        do_sample=gen.do_sample,
-        keys=keys,
-        position=t,
-    )
-    tokens[:, P + t] = token
-    attn[:, P + t] = 1
-    return parts.decoder(
-        input_ids=token[:, None],
-        attention_mask=attn,
-        position_ids=(lens + t)[:, None],
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state[:, -1]
-
-
 @torch.no_grad()
 def generate(cfg: RunConfig, m: Models, w: Workload, *, reuse: bool) -> tuple[Measurement, int]:
-    """(peak of prefill + decode steps, ATen kernels per decoded token)."""
-    from fastrlhf.rollout import GenerationConfig, ReusableKVCache
+    """(peak of prefill + one decode step, ATen kernels per decoded token)."""
+    from fastrlhf.rollout import ReusableKVCache
+    from fastrlhf.rollout.decode import StepSpec, bucket_rows, decode_step, resolve_compile
     from fastrlhf.rollout.generate import _policy_parts
 
     ppo = cfg.ppo
-    gen = GenerationConfig(
-        max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
-        top_p=ppo.top_p,
-    )  # fmt: skip
     policy = m.policy
     parts = _policy_parts(policy)
     B, P, R = w.rollout_seqs, w.prompt_len, w.loss_len
+    # on CUDA the compiled step ("auto") runs the batch padded to a power of two
+    Bb = bucket_rows(B) if resolve_compile(cfg.rollout.compile, torch.device("cuda")) else B
+    greedy = not ppo.temperature  # GenerationConfig.greedy: temperature 0
+    spec = StepSpec(
+        temperature=float(ppo.temperature), top_k=int(ppo.top_k), top_p=float(ppo.top_p),
+        greedy=greedy, keyed=False, pad_token_id=0, eos=(),
+        logit_scale=float(parts.head.scale) if parts.head is not None else 1.0,
+        softcap=parts.head.softcap if parts.head is not None else None,
+    )  # fmt: skip
     # memory_reuse: the manager's cache (kept, reset in place); else a fresh one per rollout
     kv = ReusableKVCache()
     lm = policy.causal_lm
@@ -141,22 +128,30 @@ def generate(cfg: RunConfig, m: Models, w: Workload, *, reuse: bool) -> tuple[Me
         with tracked(*_resident(cfg, m, "generate")) as t, PinnedSDPA(), warnings.catch_warnings():
             # transformers renames past_key_values; generate() passes the same keyword
             warnings.filterwarnings("ignore", ".*past_key_values", FutureWarning)
-            tokens = torch.zeros((B, P + R), dtype=torch.long)
-            cache = kv.acquire(parts.hf_config, B, P + R, dtype=parts.kv_dtype)
-            attn = torch.ones((B, kv.capacity), dtype=torch.long)
-            lens = torch.full((B,), P, dtype=torch.long)
-            keys = torch.zeros(B, dtype=torch.long)
-            response_lp = torch.zeros(B, R, dtype=torch.float32)  # noqa: F841 (held, as in _decode)
-            hidden = parts.decoder(
-                input_ids=tokens[:, :P], attention_mask=attn,
-                position_ids=torch.arange(P).expand(B, P), past_key_values=cache, use_cache=True,
+            canvas = torch.zeros((Bb, P), dtype=torch.long)
+            cache = kv.acquire(parts.hf_config, Bb, P + R, dtype=parts.kv_dtype)
+            # the decode state (``_decode``): [Bb, capacity] buffers, the [Bb, V] noise
+            st = kv.decode_state(torch.device("cpu"))
+            if spec.uses_noise:
+                st.noise_buffer(parts.weight.shape[0])
+            st.prompt_mask[:, :P] = True
+            st.width.fill_(P)
+            st.lens.fill_(P)
+            # Every prompt is full-length (worst case), so every mask below shows the decoder
+            # all it may see: transformers then drops it after a host check (SDPA causal,
+            # no mask tensor), a check fake tensors cannot answer; pass none instead.
+            decoder = lambda **kw: parts.decoder(**{**kw, "attention_mask": None})  # noqa: E731
+            hidden = decoder(
+                input_ids=canvas, attention_mask=st.prompt_mask.long(),
+                position_ids=torch.arange(P).expand(Bb, P), past_key_values=cache, use_cache=True,
             ).last_hidden_state[:, -1]  # fmt: skip
+            del canvas, hidden  # the first draw frees them; decode steps allocate the same
             # one decode step: the cache is static, so every step allocates the same
             before = t.counter.kernels()
-            hidden = _decode_step(parts, hidden, tokens, attn, lens, P, 0, cache, gen, keys)
+            decode_step(decoder, parts.weight, parts.bias, cache, st, spec)
             per_token = t.counter.kernels() - before
             if not reuse:
-                del cache
+                del cache, st
                 kv.release()  # freed when the rollout returns; the next one allocates anew
     finally:
         lm.set_attn_implementation(previous)
@@ -169,8 +164,9 @@ def generate(cfg: RunConfig, m: Models, w: Workload, *, reuse: bool) -> tuple[Me
 
 @torch.no_grad()
 def score(cfg: RunConfig, m: Models, w: Workload, *, fused: bool) -> Measurement:
-    from fastrlhf.trainers.ppo import PPOTrainer, response_logprobs
+    from fastrlhf.trainers.logprobs import response_logprobs
     from fastrlhf.trainers.rewards import reward_model_scores
+    from fastrlhf.trainers.rl_score import RolloutScoring
 
     vocab = m.policy.vocab_size
     exp = _packed(w.score_seqs, w.seq_len, w.loss_len, vocab)
@@ -178,11 +174,11 @@ def score(cfg: RunConfig, m: Models, w: Workload, *, fused: bool) -> Measurement
     with tracked(*_resident(cfg, m, "score"), exp.input_ids) as t, _autocast(cfg):
         kept = []  # the scoring results stay alive until the phase ends
         if cfg.ppo.recompute_old_logprobs:
-            kept.append(response_logprobs(m.policy, exp, T, fused=fused, entropy=False)[0])
+            kept.append(response_logprobs(m.policy, exp, exp, temperature=T, fused=fused))
         if m.reference is not None:
-            kept.append(response_logprobs(m.reference, exp, T, fused=fused, entropy=False)[0])
+            kept.append(response_logprobs(m.reference, exp, exp, temperature=T, fused=fused))
         if m.critic is not None:
-            kept.append(PPOTrainer._values(types.SimpleNamespace(critic=m.critic), exp))
+            kept.append(RolloutScoring._values(types.SimpleNamespace(critic=m.critic), exp))
         if m.reward is not None:
             kept.append(
                 reward_model_scores(
@@ -196,28 +192,29 @@ def score(cfg: RunConfig, m: Models, w: Workload, *, fused: bool) -> Measurement
 
 
 def _rl_loss(cfg: RunConfig, m: Models, fused: bool):
-    """``PPOTrainer.micro_losses`` bound to the estimate's models."""
+    """``PolicyUpdate.micro_losses`` bound to the estimate's models."""
     from fastrlhf.config import PPOConfig
     from fastrlhf.rollout import GenerationConfig
-    from fastrlhf.trainers.ppo import PPOTrainer
-    from fastrlhf.trainers.rewards import kl_controller
+    from fastrlhf.trainers.kl import kl_controller
+    from fastrlhf.trainers.rl_score import RolloutScoring
+    from fastrlhf.trainers.rl_update import PolicyUpdate
 
-    ppo: PPOConfig = cfg.ppo
+    ppo: PPOConfig = cfg.ppo.for_stage(cfg.stage)
     trainer = types.SimpleNamespace(
         # The unfused PPO / value losses read cu_seqlens and masks on the host (syncs that
         # fake tensors cannot answer); they hold O(R) float32 tensors either way, so the
         # fused ones stand in for them, and ``train`` switches only the log-prob path.
-        ppo=type(ppo)(**{**ppo.__dict__, "fused_ops": True}),
+        ppo=dataclasses.replace(ppo, fused_ops=True),
         policy=m.policy,
         critic=m.critic,
         gen_config=GenerationConfig(temperature=ppo.temperature),
         kl=kl_controller(ppo.kl_coef, adaptive=False, target=1.0, horizon=1),
         device=torch.device("cpu"),
     )
-    trainer._values = lambda exp: PPOTrainer._values(trainer, exp)
+    trainer._values = lambda exp: RolloutScoring._values(trainer, exp)
 
     def loss(exp):
-        pg, vl, _ = PPOTrainer.micro_losses(trainer, exp)
+        pg, vl, _ = PolicyUpdate.micro_losses(trainer, exp)
         return pg + ppo.vf_coef * vl
 
     return loss
@@ -232,10 +229,10 @@ def _logprob_loss(cfg: RunConfig, m: Models, fused: bool):
     """SFT / DPO / RM micro-batch losses on the trainers' log-prob and value paths."""
     import torch.nn.functional as F
 
-    from fastrlhf.trainers.ppo import response_logprobs
+    from fastrlhf.trainers.logprobs import response_logprobs
 
     def logps(model, exp):
-        return response_logprobs(model, exp, 1.0, fused=fused, entropy=False)[0]
+        return response_logprobs(model, exp, exp, fused=fused)
 
     if cfg.stage == "sft":
         return lambda exp: -logps(m.policy, exp).mean()
@@ -264,13 +261,13 @@ def train(cfg: RunConfig, m: Models, w: Workload, *, fused: bool) -> tuple[Measu
     """(peak of two micro-batches + clip + optimizer step, ATen kernels per optimizer step)."""
     from unittest import mock
 
-    from fastrlhf.trainers import ppo
+    from fastrlhf.trainers import rl_update
 
     # the losses always run fused (see _rl_loss); the log-prob path follows ``fused``
-    real = ppo.response_logprobs
+    real = rl_update.response_logprobs
     logprobs = lambda *a, fused=True, **k: real(*a, fused=fused_logprobs, **k)  # noqa: E731
     fused_logprobs = fused
-    with mock.patch.object(ppo, "response_logprobs", logprobs):
+    with mock.patch.object(rl_update, "response_logprobs", logprobs):
         return _train(cfg, m, w, fused)
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from unittest import mock
 
 import torch
 
 SMS = 132
-FWD_OP = "fastrlhf.linear_token_logprobs_fwd"
+FWD_OP = "fastrlhf.linear_token_logprobs"
 BWD_OP = "fastrlhf.linear_token_logprobs_bwd"
 
 
@@ -41,20 +42,13 @@ def _mm_f32_gpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _gpu_launcher() -> Iterator[None]:
-    import triton
-
     from fastrlhf.kernels import linear_logprobs as k
     from fastrlhf.ops import linear_logprobs as op
-
-    def splits(n: int, v: int, device, requested=None) -> int:
-        want = requested or triton.cdiv(2 * SMS, triton.cdiv(n, 128))
-        return max(1, min(want, triton.cdiv(v, k._SPLIT_ALIGN)))
 
     with contextlib.ExitStack() as stack:
         for obj, name, new in (
             (k, "_fwd_kernel", _NoLaunch()),
             (k, "_dlogits_kernel", _NoLaunch()),
-            (k, "_num_splits", splits),
             (op, "_mm_f32", _mm_f32_gpu),
             (op, "_mm_into", lambda out, a, b: None),
         ):
@@ -69,7 +63,12 @@ def _meta(t):
 
 
 def _spec(args) -> tuple:
-    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape), a.dtype
+        return tuple(a) if isinstance(a, list) else a  # the backward's ``needs`` list
+
+    return tuple(one(a) for a in args)
 
 
 def launcher_peak(op_name: str, args: tuple) -> int:
@@ -102,11 +101,26 @@ def _run_launcher(op_name: str, args: list) -> int:
 
     mt = MemTracker()
     with _gpu_launcher(), mt:
-        if op_name == FWD_OP:
-            hidden, weight, labels, bias, temp, ignore, vocab, entropy, _impl = args
-            op._forward(hidden, weight, labels, bias, temp, ignore, vocab, entropy, True)
-        else:
-            *tensors, temp, ignore, vocab, nh, nw, nb, _impl = args
-            op._backward(*tensors, temp, ignore, vocab, (nh, nw, nb), True)
+        # the op's schema order: its inputs, then (backward) its outputs, grads and needs
+        hidden, weight, labels, bias, temp, ignore, vocab, ret_ent, _impl = args[:9]
+        softcap, logit_scale = args[9:11]
+        if op_name == FWD_OP:  # ``_op`` with impl="triton"
+            from fastrlhf.kernels.linear_logprobs import linear_logprobs_fwd
+
+            # the vocabulary split the launcher sizes for an SMS-SM GPU
+            raw, _, _ = linear_logprobs_fwd(
+                hidden, weight, labels, bias, 1.0 / temp, vocab, ret_ent, None, softcap,
+                logit_scale, sm_count=SMS,
+            )  # fmt: skip
+            ignored, bad, _ = op.label_masks(labels, ignore, vocab)
+            raw.masked_fill(bad, math.nan).masked_fill(ignored, 0.0)
+        else:  # ``_op_backward``
+            (_, entropy, lse), (g_lp, g_ent, _), needs = args[11:14], args[14:17], args[17]
+            g_lp = g_lp if g_lp is not None else torch.zeros_like(lse)
+            g_ent = g_ent if ret_ent else None
+            op._backward(
+                g_lp, g_ent, hidden, weight, labels, bias, lse, entropy, temp, ignore, vocab,
+                tuple(needs), True, softcap, logit_scale,
+            )  # fmt: skip
     peak = mt.get_tracker_snapshot("peak")
     return max((d.get("Total", 0) for d in peak.values()), default=0)
