@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from fastrlhf.config import STAGES, ConfigError, load_config
+from fastrlhf.config.demo_settings import default_demo_config
 from fastrlhf.errors import run_reporting_errors
 
 
@@ -46,14 +46,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_estimate_parser(sub)  # fastrlhf estimate ... (fastrlhf/estimate/report.py)
     return p
-
-
-def default_demo_config() -> Path:
-    """examples/demo.yaml, which setup.py installs as ``fastrlhf.examples`` (so an installed
-    wheel has it too; the editable install maps it to the checkout's file)."""
-    from importlib.resources import files
-
-    return Path(str(files("fastrlhf.examples") / "demo.yaml"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,11 @@ def load_demo_config(
         except ConfigError as e:
             raise ConfigError(f"demo stage {stage!r}: {e}") from e
     return demo, configs
+
+
+def default_demo_config() -> Path:
+    """examples/demo.yaml, which setup.py installs as ``fastrlhf.examples`` (so an installed
+    wheel has it too; the editable install maps it to the checkout's file)."""
+    from importlib.resources import files
+
+    return Path(str(files("fastrlhf.examples") / "demo.yaml"))

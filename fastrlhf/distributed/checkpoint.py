@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from fastrlhf.checkpoint import atomic_write_dir_all_ranks
+from fastrlhf.distributed.atomic import atomic_write_dir, atomic_write_dir_all_ranks
 from fastrlhf.distributed.context import DistContext, barrier
 from fastrlhf.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, SafeSavePlanner
 from fastrlhf.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
@@ -258,7 +258,6 @@ def write_hf(out: str | Path, models: dict[str, torch.nn.Module], ctx: DistConte
 def export_hf(path: str | Path, model: torch.nn.Module, ctx: DistContext) -> Path:
     """Consolidated HF-format model (config + safetensors + tokenizer) at ``path``,
     written atomically by rank 0. Every rank must call it (the gather is a collective)."""
-    from fastrlhf.checkpoint import atomic_write_dir
 
     final = Path(path)
     sd = full_state_dict(model, ctx)

@@ -120,8 +120,7 @@ def _theory_agreement(p: float, q: float, t: float) -> float:
 
 
 def run_feedback_demo(s: FeedbackDemoSettings) -> dict:
-    from fastrlhf.cli import default_demo_config
-    from fastrlhf.config import load_demo_config
+    from fastrlhf.config.demo_settings import default_demo_config, load_demo_config
     from fastrlhf.feedback.agreement import agreement_stats, format_report, kappa_heatmap
     from fastrlhf.feedback.export import export_rows, write_rows
     from fastrlhf.feedback.simulate import ServerProcess, SimulatedAnnotator, label_queue
