@@ -57,7 +57,9 @@ def install(point: str, step: int) -> None:
 
         ck.save_state_json = save_state_json
     elif point == "manifest":
-        real_manifest = ck.write_manifest
+        import fastrlhf.distributed.atomic as atomic  # where a save writes its manifest
+
+        real_manifest = atomic.write_manifest
 
         def write_manifest(root):
             out = real_manifest(root)
@@ -65,7 +67,7 @@ def install(point: str, step: int) -> None:
                 _die()
             return out
 
-        ck.write_manifest = write_manifest
+        atomic.write_manifest = write_manifest
     elif point == "prune":
         real_rmtree = ck.shutil.rmtree
 
